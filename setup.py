@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="stablelm",
+    version="0.1.0",
+    description="From-scratch PyTorch + Triton StableLM decoder, Triton kernels and a radiology report model",
+    packages=find_packages(include=["stablelm", "stablelm.*", "kernels", "kernels.*", "vision", "vision.*",
+                                    "bench", "bench.*"]),
+    py_modules=["convert_weights"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2",
+        "numpy",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers==5.17.0", "protobuf"],
+    },
+)

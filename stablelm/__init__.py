@@ -1,0 +1,1 @@
+"""stablelm: a from-scratch PyTorch + Triton StableLM decoder."""

@@ -1,0 +1,116 @@
+"""The op table: the model calls these functions, never a kernel directly.
+
+Every op has named implementations with one signature and one tensor layout (documented once, in the kernels
+module that holds the op's reference):
+
+  rotary(q, k, cos, sin) -> (q, k)                         kernels/rotary.py
+  attention(q, k, v, kv_start=None, causal=True, scale=None) kernels/attention.py
+  decode_attention(q, k_cache, v_cache, kv_len, kv_start=None, scale=None)   kernels/decode.py
+  layer_norm(x, weight, bias, eps, residual=None)          kernels/norm.py
+  swiglu(gate, up)                                         kernels/mlp.py
+
+"torch" is the pure-PyTorch reference and runs anywhere. Swap without touching the model:
+
+    import stablelm.ops as ops
+    ops.use(attention="torch", rotary="triton")     # pick per op (None goes back to the default)
+    ops.register("attention", "mine", my_fn)        # add an implementation with the same signature
+    with ops.using(attention="sdpa"): ...           # scoped choice
+
+Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch".
+"""
+import contextlib
+import importlib
+
+_KERNEL_MODULES = ["rotary", "attention", "decode", "norm", "mlp"]
+
+# Fastest correct implementation first, as measured in bench/results/ on an H100.
+CUDA_PREFERENCE = {
+    "rotary": ["triton", "torch"],
+    "attention": ["triton", "sdpa", "torch"],
+    "decode_attention": ["triton", "torch"],
+    "layer_norm": ["triton", "torch"],
+    "swiglu": ["triton", "torch"],
+}
+
+_registry: dict[str, dict] = {}
+_chosen: dict[str, str | None] = {}
+
+
+def register(op: str, name: str, fn) -> None:
+    """Add (or replace) implementation `name` of `op`."""
+    if op not in CUDA_PREFERENCE:
+        raise KeyError(f"unknown op {op!r}; ops are {sorted(CUDA_PREFERENCE)}")
+    _registry.setdefault(op, {})[name] = fn
+
+
+def available(op: str) -> list[str]:
+    """Names registered for `op`."""
+    return sorted(_registry.get(op, {}))
+
+
+def use(**choices) -> None:
+    """Pick an implementation per op, e.g. use(attention="sdpa"); None restores the device default."""
+    for op, name in choices.items():
+        if op not in CUDA_PREFERENCE:
+            raise KeyError(f"unknown op {op!r}; ops are {sorted(CUDA_PREFERENCE)}")
+        if name is not None and name not in _registry.get(op, {}):
+            raise KeyError(f"op {op!r} has no implementation {name!r}; available: {available(op)}")
+        _chosen[op] = name
+
+
+@contextlib.contextmanager
+def using(**choices):
+    """Context-manager form of use(); restores the previous choices on exit."""
+    before = {op: _chosen.get(op) for op in choices}
+    use(**choices)
+    try:
+        yield
+    finally:
+        _chosen.update(before)
+
+
+def current(op: str, device_type: str) -> str:
+    """The implementation name `op` uses for tensors on `device_type`."""
+    name = _chosen.get(op)
+    if name is not None:
+        return name
+    if device_type == "cuda":
+        impls = _registry.get(op, {})
+        return next(n for n in CUDA_PREFERENCE[op] if n in impls)
+    return "torch"
+
+
+def get(op: str, device_type: str):
+    """The function `op` dispatches to for tensors on `device_type`."""
+    return _registry[op][current(op, device_type)]
+
+
+def rotary(q, k, cos, sin):
+    return get("rotary", q.device.type)(q, k, cos, sin)
+
+
+def attention(q, k, v, kv_start=None, causal=True, scale=None):
+    return get("attention", q.device.type)(q, k, v, kv_start=kv_start, causal=causal, scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
+    return get("decode_attention", q.device.type)(q, k_cache, v_cache, kv_len, kv_start=kv_start, scale=scale)
+
+
+def layer_norm(x, weight, bias, eps, residual=None):
+    return get("layer_norm", x.device.type)(x, weight, bias, eps, residual=residual)
+
+
+def swiglu(gate, up):
+    return get("swiglu", gate.device.type)(gate, up)
+
+
+def _register_kernels():
+    for mod_name in _KERNEL_MODULES:
+        module = importlib.import_module(f"kernels.{mod_name}")
+        for op, impls in module.IMPLEMENTATIONS.items():
+            for name, fn in impls.items():
+                register(op, name, fn)
+
+
+_register_kernels()

@@ -1,0 +1,29 @@
+"""Shared test setup: Triton runs through its interpreter when no GPU is present, and GPU tests are marked."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is first imported so every @triton.jit kernel runs on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running CPU test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
