@@ -4,6 +4,7 @@ Every op has named implementations with one signature and one tensor layout (doc
 module that holds the op's reference):
 
   rotary(q, k, cos, sin) -> (q, k)                         kernels/rotary.py
+  rotary_cache(q, k, v, cos, sin, k_cache, v_cache, write_pos) -> q   kernels/rotary.py
   attention(q, k, v, kv_start=None, causal=True, scale=None) kernels/attention.py
   decode_attention(q, k_cache, v_cache, kv_len, kv_start=None, scale=None)   kernels/decode.py
   layer_norm(x, weight, bias, eps, residual=None)          kernels/norm.py
@@ -26,6 +27,7 @@ _KERNEL_MODULES = ["rotary", "attention", "decode", "norm", "mlp"]
 # Fastest correct implementation first, as measured in bench/results/ on an H100.
 CUDA_PREFERENCE = {
     "rotary": ["triton", "torch"],
+    "rotary_cache": ["triton", "torch"],
     "attention": ["triton", "sdpa", "torch"],
     "decode_attention": ["triton", "torch"],
     "layer_norm": ["triton", "torch"],
@@ -87,6 +89,10 @@ def get(op: str, device_type: str):
 
 def rotary(q, k, cos, sin):
     return get("rotary", q.device.type)(q, k, cos, sin)
+
+
+def rotary_cache(q, k, v, cos, sin, k_cache, v_cache, write_pos):
+    return get("rotary_cache", q.device.type)(q, k, v, cos, sin, k_cache, v_cache, write_pos)
 
 
 def attention(q, k, v, kv_start=None, causal=True, scale=None):
