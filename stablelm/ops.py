@@ -9,6 +9,7 @@ module that holds the op's reference):
   decode_attention(q, k_cache, v_cache, kv_len, kv_start=None, scale=None)   kernels/decode.py
   layer_norm(x, weight, bias, eps, residual=None)          kernels/norm.py
   swiglu(gate, up)                                         kernels/mlp.py
+  quant_linear(x, qweight, scales, zeros, bias, bits, group_size)   kernels/quant.py
 
 "torch" is the pure-PyTorch reference and runs anywhere. Swap without touching the model:
 
@@ -22,7 +23,7 @@ Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch
 import contextlib
 import importlib
 
-_KERNEL_MODULES = ["rotary", "attention", "decode", "norm", "mlp"]
+_KERNEL_MODULES = ["rotary", "attention", "decode", "norm", "mlp", "quant"]
 
 # Fastest correct implementation first, as measured in bench/results/ on an H100.
 CUDA_PREFERENCE = {
@@ -32,6 +33,7 @@ CUDA_PREFERENCE = {
     "decode_attention": ["triton", "torch"],
     "layer_norm": ["triton", "torch"],
     "swiglu": ["triton", "torch"],
+    "quant_linear": ["triton", "torch"],
 }
 
 _registry: dict[str, dict] = {}
@@ -109,6 +111,10 @@ def layer_norm(x, weight, bias, eps, residual=None):
 
 def swiglu(gate, up):
     return get("swiglu", gate.device.type)(gate, up)
+
+
+def quant_linear(x, qweight, scales, zeros, bias, bits, group_size):
+    return get("quant_linear", x.device.type)(x, qweight, scales, zeros, bias, bits, group_size)
 
 
 def _register_kernels():
