@@ -1,0 +1,254 @@
+"""StableLM decoder: embed -> N x Block -> final LayerNorm -> lm_head, written from scratch.
+
+All arithmetic beyond the linear layers goes through `stablelm.ops`, so kernels are swapped without editing
+this file. Parameter layout (the converted checkpoint format): q/k/v are one fused `qkv` projection and the
+MLP's gate/up one fused `gate_up` projection, so each is a single matmul.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import KVCache
+from .config import StableLMConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose weight/bias may be per head ([H, N]); the arithmetic is ops.layer_norm."""
+
+    def __init__(self, shape, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x, residual=None):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables [B, S, rotary_dim/2] (float32) for per-token positions, with linear or dynamic scaling."""
+
+    def __init__(self, config: StableLMConfig):
+        super().__init__()
+        self.dim = config.rotary_dim
+        self.theta = config.rope_theta
+        self.rope_type = config.rope_type
+        self.factor = config.rope_factor
+        self.max_pos = config.max_position_embeddings
+        inv_freq = self._inv_freq(self.theta)
+        if self.rope_type == "linear":
+            inv_freq = inv_freq / self.factor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _inv_freq(self, base, device=None) -> torch.Tensor:
+        # Same float32 expression as transformers, so the angles agree bit for bit.
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        return 1.0 / (base ** exponent)
+
+    def forward(self, positions: torch.Tensor):
+        inv_freq = self.inv_freq
+        if self.rope_type == "dynamic":
+            # NTK-aware base growth once the sequence passes max_position_embeddings; computed on the device
+            # (no host sync) from the furthest position in this call, as transformers does.
+            seq_len = torch.clamp(positions.max() + 1, min=self.max_pos).float()
+            base = self.theta * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (
+                self.dim / (self.dim - 2))
+            inv_freq = self._inv_freq(base, device=positions.device)
+        freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+        return freqs.cos(), freqs.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: StableLMConfig):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim,
+                             bias=config.use_qkv_bias)
+        self.o = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_layernorm:
+            self.q_norm = LayerNorm((self.heads, self.head_dim), config.layer_norm_eps, bias=False)
+            self.k_norm = LayerNorm((self.kv_heads, self.head_dim), config.layer_norm_eps, bias=False)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, kv_start, cache: KVCache | None, layer: int):
+        B, S, _ = x.shape
+        qkv = self.qkv(x).view(B, S, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cache is None:
+            q, k = ops.rotary(q, k, cos, sin)
+            out = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kv_start=kv_start)
+            out = out.transpose(1, 2)
+        else:
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            q = ops.rotary_cache(q, k, v, cos, sin, k_cache, v_cache, cache.lengths)
+            if S == 1:
+                out = ops.decode_attention(q[:, 0], k_cache, v_cache, cache.lengths + 1, kv_start=cache.start)
+                out = out[:, None]
+            else:
+                filled = cache.uniform_length() + S
+                out = ops.attention(q.transpose(1, 2), k_cache[:, :, :filled], v_cache[:, :, :filled],
+                                    kv_start=cache.start)
+                out = out.transpose(1, 2)
+        return self.o(out.reshape(B, S, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: StableLMConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(ops.swiglu(gate, up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: StableLMConfig):
+        super().__init__()
+        self.parallel = config.use_parallel_residual
+        self.ln1 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln2 = None if self.parallel else LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_start, cache, layer):
+        h = self.ln1(x)
+        attn = self.attn(h, cos, sin, kv_start, cache, layer)
+        if self.parallel:
+            return x + attn + self.mlp(h)
+        h, x = self.ln2(attn, residual=x)
+        return x + self.mlp(h)
+
+
+class StableLM(nn.Module):
+    def __init__(self, config: StableLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                        bias=False)
+        self.rotary = Rotary(config)
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def random(cls, config: StableLMConfig, seed: int = 0, std: float = 0.02) -> "StableLM":
+        """Random weights (normal, std 0.02; LayerNorms near identity) for benchmarks and the CPU default."""
+        model = cls(config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() >= 2 and not name.endswith("norm.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return model
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.max_position_embeddings and self.config.rope_type == "default":
+            raise ValueError(f"cache max_len={max_len} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        p = self.embed.weight
+        return KVCache.for_model(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S, vocab] (or [B, 1, vocab] with last_only).
+
+        input_ids [B, S] or input_embeds [B, S, hidden]. attention_mask [B, S] (1 = token, 0 = padding) may
+        describe left padding (its positions are then counted from each sequence's first real token) or right
+        padding (harmless under the causal mask, so nothing changes). With a cache the call appends to it:
+        the mask is only accepted on the first (prefill) call, and later calls continue each sequence's
+        positions. positions [B, S] override the defaults.
+        """
+        x = self._embed(input_ids, input_embeds)
+        B, S, _ = x.shape
+        kv_start = None
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache batch size {cache.batch_size} != input batch size {B}")
+            if cache.dtype != x.dtype or cache.device != x.device:
+                raise ValueError(f"cache is {cache.dtype} on {cache.device} but activations are {x.dtype} on "
+                                 f"{x.device}")
+            cache.check_room(S)
+        if attention_mask is not None:
+            kv_start, default_pos = self._padding(attention_mask, B, S, cache)
+        else:
+            default_pos = None
+        if positions is None:
+            if default_pos is not None:
+                positions = default_pos
+            elif cache is not None:
+                positions = (cache.lengths - cache.start)[:, None].long() + torch.arange(S, device=x.device)
+            else:
+                positions = torch.arange(S, device=x.device)[None].expand(B, S)
+        elif positions.shape != (B, S):
+            raise ValueError(f"positions shape {tuple(positions.shape)} != (batch, seq) = {(B, S)}")
+        cos, sin = self.rotary(positions)
+
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, kv_start, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_start, cache, i)
+        if cache is not None:
+            cache.advance(S)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return F.linear(x, self.output_weight)
+
+    def _embed(self, input_ids, input_embeds):
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of input_ids or input_embeds")
+        if input_embeds is not None:
+            if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"input_embeds must be [batch, seq, {self.config.hidden_size}], got "
+                                 f"{tuple(input_embeds.shape)}")
+            if input_embeds.dtype != self.embed.weight.dtype:
+                raise ValueError(f"input_embeds dtype {input_embeds.dtype} != model dtype {self.embed.weight.dtype}")
+            return input_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        return self.embed(input_ids)
+
+    @staticmethod
+    def _padding(mask, B, S, cache):
+        """(kv_start, positions) for a left-padded mask; (None, None) for right padding / no padding."""
+        if mask.shape != (B, S):
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != (batch, seq) = {(B, S)}")
+        mask = mask.to(torch.int32)
+        if cache is not None and max(cache.host_lengths) > 0:
+            raise ValueError("attention_mask is only accepted on the first (prefill) call into a cache")
+        steps = mask[:, 1:] - mask[:, :-1]
+        left_padded = bool((steps >= 0).all())
+        if not left_padded:
+            if bool((steps <= 0).all()):
+                return None, None
+            raise ValueError("attention_mask must be left-padded (0...0 1...1) or right-padded (1...1 0...0)")
+        start = S - mask.sum(-1)
+        if bool((start >= S).any()):
+            raise ValueError("attention_mask has a row with no tokens")
+        if cache is not None:
+            cache.set_start(start)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return start.to(torch.int32), positions
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
