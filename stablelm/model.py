@@ -115,6 +115,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer. It takes the residual stream x and the previous layer's not-yet-added output
+    `delta`, so the residual add is fused into this layer's first LayerNorm (one kernel instead of two)."""
+
     def __init__(self, config: StableLMConfig):
         super().__init__()
         self.parallel = config.use_parallel_residual
@@ -123,13 +126,17 @@ class Block(nn.Module):
         self.ln2 = None if self.parallel else LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_start, cache, layer):
-        h = self.ln1(x)
+    def forward(self, x, delta, cos, sin, kv_start, cache, layer):
+        """Returns (x, delta) with x + delta the layer's output."""
+        if delta is None:
+            h = self.ln1(x)
+        else:
+            h, x = self.ln1(delta, residual=x)
         attn = self.attn(h, cos, sin, kv_start, cache, layer)
         if self.parallel:
-            return x + attn + self.mlp(h)
+            return x, attn + self.mlp(h)
         h, x = self.ln2(attn, residual=x)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 class StableLM(nn.Module):
@@ -145,15 +152,20 @@ class StableLM(nn.Module):
         self.gradient_checkpointing = False
 
     @classmethod
-    def random(cls, config: StableLMConfig, seed: int = 0, std: float = 0.02) -> "StableLM":
-        """Random weights (normal, std 0.02; LayerNorms near identity) for benchmarks and the CPU default."""
-        model = cls(config)
-        gen = torch.Generator().manual_seed(seed)
+    def random(cls, config: StableLMConfig, seed: int = 0, std: float = 0.02, device="cpu",
+               dtype: torch.dtype = torch.float32) -> "StableLM":
+        """Random weights for benchmarks and the CPU default: matrices ~ N(0, std), LayerNorm weights near 1
+        and biases near 0 (random, never exactly 1/0, so no kernel gets an easy special case)."""
+        with torch.device(device):
+            model = cls(config).to(dtype)
+        gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() >= 2 and not name.endswith("norm.weight"):
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-        return model
+            for p in model.parameters():
+                p.normal_(0.0, std, generator=gen)
+            for m in model.modules():
+                if isinstance(m, LayerNorm):
+                    m.weight.add_(1.0)
+        return model.eval()
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -202,16 +214,18 @@ class StableLM(nn.Module):
             raise ValueError(f"positions shape {tuple(positions.shape)} != (batch, seq) = {(B, S)}")
         cos, sin = self.rotary(positions)
 
+        delta = None
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, kv_start, None, i, use_reentrant=False)
+                x, delta = torch.utils.checkpoint.checkpoint(block, x, delta, cos, sin, kv_start, None, i,
+                                                             use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_start, cache, i)
+                x, delta = block(x, delta, cos, sin, kv_start, cache, i)
         if cache is not None:
             cache.advance(S)
         if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+            x, delta = x[:, -1:], delta[:, -1:]
+        x, _ = self.norm(delta, residual=x)
         return F.linear(x, self.output_weight)
 
     def _embed(self, input_ids, input_embeds):
