@@ -4,10 +4,27 @@ Layout: q [B, Hq, D]; k_cache, v_cache [B, Hkv, T, D] (one layer of the cache); 
 0..kv_len[b]-1 are valid (the new token's key is already written); kv_start int32 [B] (optional): keys before it
 are left padding. Output [B, Hq, D] in q's dtype. Nothing here reads host values of kv_len, so a CUDA graph can
 capture the call.
+
+Triton implementation (flash-decoding): the cache's T slots are cut into `splits` equal chunks, and a program per
+(batch, kv head, chunk) attends all G = Hq/Hkv query heads of its kv head to its chunk, so each K/V byte is read
+once; chunks past kv_len[b] (or before kv_start[b]) exit at once, so the cost follows the real context. The split
+count depends only on T, B, Hkv and the SM count (never on kv_len values). A second small kernel combines the
+per-chunk (max, sum, acc) partials; with one split the first kernel writes the output itself.
+
+head_dim 80 is padded to a 128-wide tile with masks rather than split 64 + 16: decode is bandwidth-bound, and
+masked lanes issue no memory traffic, so the bytes read are exactly the 80 real dims; the idle lanes cost only
+registers, while a 64 + 16 split would double every dot and accumulator for no bandwidth gain (and would need
+a separate split for every head size).
 """
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def decode_attention_ref(q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
@@ -27,4 +44,209 @@ def decode_attention_ref(q, k_cache, v_cache, kv_len, kv_start=None, scale=None)
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
-IMPLEMENTATIONS = {"decode_attention": {"torch": decode_attention_ref}}
+def decode_attention_sdpa(q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
+    """torch SDPA over all T cache slots with a boolean mask of the valid ones (no host read of kv_len)."""
+    B, Hq, D = q.shape
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    pos = torch.arange(T, device=q.device)
+    valid = pos[None, :] < kv_len.long()[:, None]
+    if kv_start is not None:
+        valid = valid & (pos[None, :] >= kv_start.long()[:, None])
+    out = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=Hq != Hkv)[:, :, 0]
+    # A sequence with no valid key comes back as NaN from SDPA; the contract says zeros.
+    return out.masked_fill(~valid.any(-1)[:, None, None], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART,
+                         q_sb, q_sh, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd, o_sb, o_sh, o_sd,
+                         T, chunk, qk_scale,
+                         G: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         HAS_START: tl.constexpr, IEEE_DOT: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B, Hkv, NUM_SPLITS). Attends the G query heads of kv head `hk` to keys [split*chunk, +chunk).
+
+    With NUM_SPLITS == 1 it writes the normalised output; otherwise PART[b, h, split, :] gets the unnormalised
+    accumulator in [:HEAD_DIM], the running max (log2 domain, scale included) at HEAD_DIM and the sum at
+    HEAD_DIM + 1 (max -inf, sum 0, acc 0 for a chunk with no valid key).
+    """
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+
+    kv_len = tl.minimum(tl.load(KV_LEN + b), T)  # never read past the cache, whatever kv_len says
+    if HAS_START:
+        start = tl.maximum(tl.load(KV_START + b), 0)
+    else:
+        start = 0
+    lo = tl.maximum(split * chunk, (start // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(split * chunk + chunk, kv_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < G
+    d_ok = d < HEAD_DIM
+    heads = hk * G + g
+    q = tl.load(Q + b64 * q_sb + heads[:, None] * q_sh + d[None, :] * q_sd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(K.dtype.element_ty)
+
+    k_base = K + b64 * k_sb + hk64 * k_sh
+    v_base = V + b64 * v_sb + hk64 * v_sh
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = (n >= start) & (n < hi)
+        # Invalid slots are masked on load (other=0), so stale or NaN cache contents never reach the sums.
+        kt = tl.load(k_base + n[None, :] * k_st + d[:, None] * k_sd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE_DOT:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A block can be fully masked (kv_start inside it, nothing valid yet): subtract 0 instead of -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n[:, None] * v_st + d[None, :] * v_sd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(OUT + b64 * o_sb + heads[:, None] * o_sh + d[None, :] * o_sd, out.to(OUT.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        row = PART + ((b64 * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
+        tl.store(row[:, None] + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(row + HEAD_DIM, m_i, mask=g_ok)
+        tl.store(row + HEAD_DIM + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(PART, OUT, o_sb, o_sh, o_sd, HQ,
+                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B * Hq,): softmax-weighted sum of the per-split partials of one (batch, query head)."""
+    pid = tl.program_id(0)
+    b = (pid // HQ).to(tl.int64)
+    h = (pid % HQ).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = sp < NUM_SPLITS
+    rows = PART + (pid.to(tl.int64) * NUM_SPLITS + sp) * (HEAD_DIM + 2)
+    m = tl.load(rows + HEAD_DIM, mask=s_ok, other=float("-inf"))
+    l = tl.load(rows + HEAD_DIM + 1, mask=s_ok, other=0.0)
+    acc = tl.load(rows[:, None] + d[None, :], mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits: exp2(-inf) = 0
+    den = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(den > 0, den, 1.0)  # no valid key at all: zeros
+    tl.store(OUT + b * o_sb + h * o_sh + d * o_sd, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+
+# Programs to aim for per SM: enough resident blocks to keep loads in flight even when part of the cache is empty.
+_PROGRAMS_PER_SM = 8
+# The combine kernel holds all partials of one head in one [splits, D] tile.
+_MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the CPU interpreter: parallelism does not matter, keep the split count small
+
+
+def _block_n(dtype: torch.dtype) -> int:
+    # 64 keys of a 128-wide tile per step for 16-bit caches; half that for float32 to keep K and V tiles in SRAM.
+    return 32 if dtype == torch.float32 else 64
+
+
+def num_splits(B: int, Hkv: int, T: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Split count for a cache of T slots: from static sizes only, so a captured graph stays valid."""
+    max_splits = min(_MAX_SPLITS, triton.cdiv(T, _block_n(dtype)))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), B * Hkv)
+    return max(1, min(wanted, max_splits))
+
+
+def _check_decode_args(q, k_cache, v_cache, kv_len, kv_start):
+    if q.dim() != 3:
+        raise ValueError(f"decode_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"decode_attention: k_cache must be [B={B}, Hkv, T, D={D}], got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
+    Hkv = k_cache.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"decode_attention: query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"decode_attention: dtype {q.dtype} is not supported (float32, float16, bfloat16)")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"decode_attention: q, k_cache, v_cache dtypes must match, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    if D > 256:
+        raise ValueError(f"decode_attention: head_dim {D} > 256 is not supported")
+    for name, t in (("kv_len", kv_len), ("kv_start", kv_start)):
+        if t is None:
+            continue
+        if t.dtype != torch.int32 or t.shape != (B,):
+            raise ValueError(f"decode_attention: {name} must be int32 [B={B}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("kv_len", kv_len), ("kv_start", kv_start)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"decode_attention: {name} is on {t.device} but q is on {q.device}")
+
+
+def decode_attention_triton(q, k_cache, v_cache, kv_len, kv_start=None, scale=None, splits=None):
+    """Flash-decoding over the cache; `splits` overrides the static split count (tests, tuning)."""
+    _check_decode_args(q, k_cache, v_cache, kv_len, kv_start)
+    B, Hq, D = q.shape
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0 or T == 0:
+        return out.zero_()
+    block_n = _block_n(q.dtype)
+    if splits is None:
+        splits = num_splits(B, Hkv, T, q.dtype, q.device)
+    elif not 1 <= splits <= min(_MAX_SPLITS, triton.cdiv(T, block_n)):
+        raise ValueError(f"decode_attention: splits={splits} must be in [1, "
+                         f"{min(_MAX_SPLITS, triton.cdiv(T, block_n))}] for T={T} and {q.dtype}")
+    chunk = triton.cdiv(triton.cdiv(T, splits), block_n) * block_n  # whole blocks per split
+    splits = triton.cdiv(T, chunk)
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    block_d = max(16, triton.next_power_of_2(D))
+    part = out if splits == 1 else torch.empty((B, Hq, splits, D + 2), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, out, part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        T, chunk, scale * math.log2(math.e),
+        G=G, HEAD_DIM=D, NUM_SPLITS=splits, HAS_START=kv_start is not None, IEEE_DOT=q.dtype == torch.float32,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4, num_stages=2)
+    if splits > 1:
+        _decode_combine_kernel[(B * Hq,)](
+            part, out, *out.stride(), Hq,
+            HEAD_DIM=D, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            num_warps=4)
+    return out
+
+
+IMPLEMENTATIONS = {"decode_attention": {"torch": decode_attention_ref, "triton": decode_attention_triton,
+                                        "sdpa": decode_attention_sdpa}}
