@@ -1,0 +1,158 @@
+"""Split-KV decode attention (Triton) and the SDPA variant against the reference; CUDA-graph capture on GPU."""
+import pytest
+import torch
+
+from kernels.decode import decode_attention_ref, decode_attention_sdpa, decode_attention_triton
+from kernels.rotary import rotary_cache_ref, rotary_cache_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32: exact-math kernel vs fp32 reference. fp16: q/k/v rounded inputs are shared, p is rounded to fp16 for P@V.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def make_inputs(B, Hq, Hkv, T, D, dtype, kv_len, kv_start=None, layers=2):
+    """q is a strided view of a fused qkv row and the caches are one layer of a [layers, B, Hkv, T, D] buffer."""
+    qkv = torch.randn(B, 1, Hq + 2 * Hkv, D, device=DEVICE).to(dtype)
+    q = qkv[:, 0, :Hq]
+    k_all = torch.randn(layers, B, Hkv, T, D, device=DEVICE).to(dtype)
+    v_all = torch.randn(layers, B, Hkv, T, D, device=DEVICE).to(dtype)
+    kv_len = torch.tensor(kv_len, dtype=torch.int32, device=DEVICE)
+    if kv_start is not None:
+        kv_start = torch.tensor(kv_start, dtype=torch.int32, device=DEVICE)
+    return q, k_all[1], v_all[1], kv_len, kv_start
+
+
+# Interpreter runs fp32 and fp16: its tl.dot multiplies bfloat16 operands as raw integers, so bf16 is GPU-only.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [80, 64])
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("T,splits", [(70, None), (200, 1), (200, 3), (333, None)])
+def test_decode_matches_reference(T, splits, Hq, Hkv, D, dtype):
+    B = 3
+    # Odd lengths per sequence, one ending mid-block, one filling the cache; left padding on two of them.
+    q, kc, vc, kv_len, kv_start = make_inputs(B, Hq, Hkv, T, D, dtype, [1, T // 2 + 1, T], [0, 5, T // 3])
+    ref = decode_attention_ref(q, kc, vc, kv_len, kv_start)
+    out = decode_attention_triton(q, kc, vc, kv_len, kv_start, splits=splits)
+    assert out.shape == (B, Hq, D) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(decode_attention_triton(q, kc, vc, kv_len, splits=splits),
+                               decode_attention_ref(q, kc, vc, kv_len), **TOL[dtype])
+
+
+def test_decode_ignores_stale_slots_and_custom_scale():
+    B, Hq, Hkv, T, D = 2, 4, 2, 150, 64
+    q, kc, vc, kv_len, kv_start = make_inputs(B, Hq, Hkv, T, D, torch.float32, [97, 130], [3, 64])
+    ref = decode_attention_ref(q, kc, vc, kv_len, kv_start, scale=0.3)
+    invalid = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        invalid[b, kv_start[b]:kv_len[b]] = False
+    kc[invalid[:, None, :, None].expand_as(kc)] = float("nan")  # padding and unwritten slots hold garbage
+    vc[invalid[:, None, :, None].expand_as(vc)] = float("nan")
+    out = decode_attention_triton(q, kc, vc, kv_len, kv_start, scale=0.3, splits=3)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_decode_sequence_without_valid_keys_gives_zeros():
+    # Sequence 1 starts after its end, inside the same key block: that block is loaded but fully masked.
+    q, kc, vc, kv_len, kv_start = make_inputs(2, 4, 2, 100, 64, torch.float32, [70, 65], [65, 70])
+    for impl in (decode_attention_triton, decode_attention_sdpa):
+        out = impl(q, kc, vc, kv_len, kv_start)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        torch.testing.assert_close(out, decode_attention_ref(q, kc, vc, kv_len, kv_start), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (4, 4)])
+def test_decode_sdpa_matches_reference(Hq, Hkv):
+    q, kc, vc, kv_len, kv_start = make_inputs(3, Hq, Hkv, 90, 80, torch.float32, [1, 46, 90], [0, 7, 30])
+    torch.testing.assert_close(decode_attention_sdpa(q, kc, vc, kv_len, kv_start),
+                               decode_attention_ref(q, kc, vc, kv_len, kv_start), **TOL[torch.float32])
+
+
+def _args():
+    q, kc, vc, kv_len, kv_start = make_inputs(2, 4, 2, 64, 64, torch.float32, [10, 20], [0, 1])
+    return dict(q=q, k_cache=kc, v_cache=vc, kv_len=kv_len, kv_start=kv_start)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(q=a["q"][0]), r"q must be \[B, Hq, D\]"),
+    (lambda a: a.update(k_cache=a["k_cache"][:, :, :, :32]), r"k_cache must be \[B=2, Hkv, T, D=64\]"),
+    (lambda a: a.update(v_cache=a["v_cache"][:, :, :32]), "v_cache .* must match k_cache"),
+    (lambda a: a.update(q=a["q"][:, :3]), "query heads 3 must be a multiple of kv heads 2"),
+    (lambda a: a.update(q=a["q"].half()), "dtypes must match"),
+    (lambda a: a.update(q=a["q"].double(), k_cache=a["k_cache"].double(), v_cache=a["v_cache"].double()),
+     "dtype torch.float64 is not supported"),
+    (lambda a: a.update(kv_len=a["kv_len"].long()), "kv_len must be int32"),
+    (lambda a: a.update(kv_start=a["kv_start"][:1]), r"kv_start must be int32 \[B=2\]"),
+    (lambda a: a.update(kv_len=a["kv_len"].to("meta")), "kv_len is on meta"),
+    (lambda a: a.update(splits=5), r"splits=5 must be in \[1, 2\]"),
+])
+def test_decode_rejects_bad_input(change, match):
+    args = _args()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        decode_attention_triton(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU, real sizes
+
+def _rel_err(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("Hkv", [32, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_gpu_real_sizes(B, Hkv, dtype):
+    Hq, T, D = 32, 4096, 80
+    lens = torch.randint(1, T + 1, (B,)).tolist()
+    lens[0] = T
+    starts = [0] + [int(torch.randint(0, n, ()).item()) for n in lens[1:]]
+    q, kc, vc, kv_len, kv_start = make_inputs(B, Hq, Hkv, T, D, dtype, lens, starts, layers=1)
+    ref = decode_attention_ref(q.float(), kc.float(), vc.float(), kv_len, kv_start)
+    for impl in (decode_attention_triton, decode_attention_sdpa):
+        assert _rel_err(impl(q, kc, vc, kv_len, kv_start), ref) < 1e-2, impl.__name__
+
+
+@pytest.mark.gpu
+def test_decode_step_captured_in_cuda_graph():
+    """rotary_cache + decode_attention captured once, replayed with new positions/lengths per sequence."""
+    B, Hq, Hkv, T, D, R = 4, 32, 8, 1024, 80, 20
+    dt = torch.bfloat16
+    qkv = torch.randn(B, 1, Hq + 2 * Hkv, D, device="cuda", dtype=dt)
+    cos = torch.randn(B, 1, R // 2, device="cuda")
+    sin = torch.randn(B, 1, R // 2, device="cuda")
+    k_cache = torch.randn(B, Hkv, T, D, device="cuda", dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    write_pos = torch.zeros(B, dtype=torch.int32, device="cuda")
+    kv_start = torch.zeros(B, dtype=torch.int32, device="cuda")
+
+    def step():
+        q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+        q = rotary_cache_triton(q, k, v, cos, sin, k_cache, v_cache, write_pos)
+        return decode_attention_triton(q[:, 0], k_cache, v_cache, write_pos + 1, kv_start=kv_start)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compile and warm up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+
+        for _ in range(3):
+            qkv.copy_(torch.randn_like(qkv))
+            cos.copy_(torch.randn_like(cos))
+            sin.copy_(torch.randn_like(sin))
+            write_pos.copy_(torch.randint(0, T, (B,), dtype=torch.int32))
+            kv_start.copy_((write_pos * torch.rand(B, device="cuda")).int())
+            ref_kc, ref_vc, ref_qkv = k_cache.float(), v_cache.float(), qkv.float()
+            rq, rk, rv = ref_qkv.split([Hq, Hkv, Hkv], dim=2)
+            ref_q = rotary_cache_ref(rq, rk, rv, cos, sin, ref_kc, ref_vc, write_pos)
+            ref = decode_attention_ref(ref_q[:, 0], ref_kc, ref_vc, write_pos + 1, kv_start)
+            graph.replay()
+            assert _rel_err(k_cache, ref_kc) < 1e-2 and _rel_err(v_cache, ref_vc) < 1e-2
+            assert _rel_err(out, ref) < 1e-2
