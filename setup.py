@@ -19,6 +19,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers==5.17.0", "protobuf"],
+        # Pinned to what the GPU machine runs, so CPU tests exercise the same Triton and transformers.
+        "test": ["pytest>=8", "transformers==5.17.0", "triton==3.6.0", "protobuf"],
     },
 )

@@ -8,14 +8,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton.runtime.interpreter as _interp
 
-    _patch_lang_tensor = _interp._patch_lang_tensor
+    if hasattr(_interp, "_patch_lang_tensor"):
+        _patch_lang_tensor = _interp._patch_lang_tensor
 
-    def _patch_with_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        # Triton 3.6's interpreter int()s 1-element arrays for runtime loop bounds; NumPy >= 2.4 refuses that.
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        def _patch_with_index(tensor, scope):
+            _patch_lang_tensor(tensor, scope)
+            # Triton 3.6's interpreter int()s 1-element arrays for runtime loop bounds; NumPy >= 2.4 refuses.
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    _interp._patch_lang_tensor = _patch_with_index
+        _interp._patch_lang_tensor = _patch_with_index
 
 import pytest  # noqa: E402
 
