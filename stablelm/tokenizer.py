@@ -5,13 +5,15 @@ Two backends behind one `Tokenizer`:
   stablelm-3b-4e1t / zephyr / stable-code, the tiktoken-converted Arcade100k BPE for stablelm-2);
 - `tokenizer.model` through sentencepiece.
 `tokenizer_config.json` / `special_tokens_map.json` name the bos/eos/pad/unk tokens, extra special tokens, the
-add_bos/add_eos flags and the chat template; `generation_config.json` / `config.json` may add more stop ids.
+chat template (also read from `chat_template.jinja`) and, for sentencepiece, the add_bos/add_eos flags;
+`generation_config.json` / `config.json` fill a missing bos/eos and add further stop ids (`eos_ids`).
 Behaviour follows transformers' fast tokenizers: ids from `encode` match `PreTrainedTokenizerFast`, batches are
 left padded for generation, and the chat template is rendered with the same jinja2 settings.
 """
 from __future__ import annotations
 
 import json
+import operator
 import re
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ _TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 # ---------------------------------------------------------------- backends
 class _TokenizersBackend:
-    """tokenizer.json through `tokenizers`; its post-processor adds special tokens unless the config overrides."""
+    """tokenizer.json through `tokenizers`; its post-processor adds the special tokens of `encode`."""
 
     def __init__(self, tok):
         # Padding/truncation stored in tokenizer.json would silently change encode_batch's output;
@@ -33,6 +35,8 @@ class _TokenizersBackend:
         tok.no_truncation()
         self.tok = tok
         self.special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        # One past the largest id, not the token count: a converted vocabulary (tiktoken's) may have holes.
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @classmethod
     def load(cls, path: Path):
@@ -41,10 +45,6 @@ class _TokenizersBackend:
             return cls(RustTokenizer.from_file(str(path)))
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
             raise ValueError(f"cannot load {path} as a tokenizers tokenizer.json: {e}") from e
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -60,6 +60,7 @@ class _TokenizersBackend:
         self.tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         i = self.tok.token_to_id(token)
         self.special.add(i)
+        self.vocab_size = max(self.vocab_size, i + 1)
         return i
 
     def encode(self, text: str, native_specials: bool) -> list[int]:
@@ -285,8 +286,7 @@ class Tokenizer:
         self.unk_id = ids.get(unk_token)
         self.special_ids = frozenset(backend.special)
         self.eos_ids = tuple(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + list(extra_eos_ids)))
-        for i in self.eos_ids:
-            self._check_id(i, "eos id")
+        self.eos_ids = tuple(self._check_id(i, "eos id") for i in self.eos_ids)
 
         if isinstance(backend, _SentencePieceBackend) and add_bos is None:
             add_bos = self.bos_id is not None
@@ -363,7 +363,7 @@ class Tokenizer:
     # ------------------------------------------------ vocabulary
     @property
     def vocab_size(self) -> int:
-        """Number of token ids the tokenizer can produce (added tokens included; the model's embedding may be larger)."""
+        """One past the largest token id, added tokens included (the model's embedding may be larger still)."""
         return self._backend.vocab_size
 
     def token_to_id(self, token: str) -> int | None:
@@ -371,12 +371,20 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def id_to_token(self, i: int) -> str:
-        self._check_id(i, "token id")
-        return self._backend.id_to_token(i)
+        i = self._check_id(i, "token id")
+        token = self._backend.id_to_token(i)
+        if token is None:
+            raise ValueError(f"token id {i} is a hole in the vocabulary: no token has it")
+        return token
 
-    def _check_id(self, i, what: str) -> None:
-        if not isinstance(i, int) or not 0 <= i < self.vocab_size:
-            raise ValueError(f"{what} {i!r} is outside the vocabulary [0, {self.vocab_size})")
+    def _check_id(self, i, what: str) -> int:
+        try:
+            i = operator.index(i)  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"{what} must be an integer, got {type(i).__name__}") from None
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"{what} {i} is outside the vocabulary [0, {self.vocab_size})")
+        return i
 
     # ------------------------------------------------ encode
     def _frame(self, ids: list[int]) -> list[int]:
@@ -407,7 +415,7 @@ class Tokenizer:
         pad_id = self.pad_id if pad_id is None else pad_id
         if pad_id is None:
             raise ValueError("the tokenizer has no pad or eos token: pass pad_id")
-        self._check_id(pad_id, "pad_id")
+        pad_id = self._check_id(pad_id, "pad_id")
         native = add_special_tokens and not self._framed
         seqs = self._backend.encode_batch(list(texts), native)
         if add_special_tokens and self._framed:
@@ -432,10 +440,7 @@ class Tokenizer:
             if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex:
                 raise ValueError(f"{what} must be a 1-D integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
             ids = ids.tolist()
-        ids = list(ids)
-        for i in ids:
-            self._check_id(i, "token id")
-        return ids
+        return [self._check_id(i, f"{what} entry") for i in ids]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of a sequence of ids (list or 1-D tensor); special tokens are dropped unless asked for."""
@@ -456,6 +461,7 @@ class Tokenizer:
         return self._backend.decode_batch(rows)
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        """A fresh incremental decoder for one generated sequence (see StreamDecoder)."""
         return StreamDecoder(self, skip_special_tokens)
 
     # ------------------------------------------------ chat
@@ -495,10 +501,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completed ("" while a character is still incomplete)."""
-        if isinstance(token_id, torch.Tensor):
-            token_id = token_id.item()
-        self._tok._check_id(token_id, "token id")
-        self._ids.append(token_id)
+        self._ids.append(self._tok._check_id(token_id, "token id"))
         return self._advance(final=False)
 
     def flush(self) -> str:

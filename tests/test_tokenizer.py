@@ -9,6 +9,7 @@ import json
 import os
 import random
 
+import numpy
 import pytest
 import torch
 
@@ -139,6 +140,9 @@ def test_decode_matches_transformers_and_round_trips(bpe_files, variant):
         assert ours.decode(ours.encode(text, add_special_tokens=False), skip_special_tokens=False) == text
         assert ours.decode(torch.tensor(ids, dtype=torch.long), skip_special_tokens=False) == hf.decode(ids)
     assert ours.decode(ours.encode(f"a{EOS}b{PAD}"), skip_special_tokens=True) == "ab"
+    ids = ours.encode(MULTIBYTE[0])  # other integer containers are accepted too
+    dec = ours.stream_decoder()
+    assert ours.decode(numpy.array(ids)) == ours.decode(ids) == "".join(dec.push(torch.tensor(i)) for i in ids)
 
 
 @pytest.mark.parametrize("variant", ["neox", "bos"])
@@ -178,6 +182,25 @@ def test_explicit_bos_eos_flags_match_transformers(bpe_files, add_bos, add_eos):
             assert ids == [ours.bos_id] * add_bos + body + [ours.eos_id] * add_eos
         ids, _ = ours.encode_batch(["a b", "the heart is normal"], padding_side="right")
         assert ids.tolist() == hf(["a b", "the heart is normal"], padding=True)["input_ids"]
+
+
+def test_vocabulary_with_holes(bpe_files, tmp_path):
+    """tiktoken-converted vocabularies may skip ids: the id range is one past the largest id, not the count."""
+    from transformers import PreTrainedTokenizerFast
+    data = json.loads(bpe_files["neox"].read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    top = len(vocab) + 10
+    vocab[last] = top
+    path = tmp_path / "holes.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    ours, hf = Tokenizer.from_file(path, eos_token=EOS), PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert ours.vocab_size == top + 1 > len(hf)
+    assert ours.token_to_id(last) == top and ours.id_to_token(top) == last
+    text = ours.decode([top], skip_special_tokens=False)
+    assert ours.encode(text * 3) == hf.encode(text * 3) and top in ours.encode(text * 3)
+    with pytest.raises(ValueError, match="hole"):
+        ours.id_to_token(top - 1)
 
 
 def test_pad_falls_back_to_eos(bpe_files):
@@ -414,6 +437,8 @@ def test_call_errors(bpe_files):
         tok.decode([1, tok.vocab_size])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([-1])
+    with pytest.raises(TypeError, match="must be an integer"):
+        tok.decode([1, "2"])
     with pytest.raises(ValueError, match="1-D integer tensor"):
         tok.decode(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, S\] tensor"):
