@@ -16,6 +16,7 @@ setup(
         "sentencepiece>=0.2",
         "numpy",
         "tqdm",
+        "jinja2>=3.1",
         "pillow",
     ],
     extras_require={

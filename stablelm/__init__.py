@@ -7,5 +7,6 @@ from .cache import KVCache
 from .checkpoint import load
 from .config import PRESETS, StableLMConfig, preset
 from .model import StableLM
+from .tokenizer import Tokenizer
 
-__all__ = ["KVCache", "PRESETS", "StableLM", "StableLMConfig", "load", "preset"]
+__all__ = ["KVCache", "PRESETS", "StableLM", "StableLMConfig", "Tokenizer", "load", "preset"]
