@@ -2,6 +2,7 @@
 
     python convert_weights.py SRC_HF_DIR DST_DIR [--dtype bf16|fp16|fp32] [--quant int8|int4] [--overwrite]
     python convert_weights.py SRC_CONVERTED_DIR DST_HF_DIR --to-hf
+    python convert_weights.py SRC_HF_SWIN_DIR DST_DIR --vision [--dtype ...]   # a transformers SwinModel
 
 Every expected tensor must be present with the right shape and none may be left over; errors name the tensor.
 DST is written to a temporary directory and renamed at the end, so an interrupted run leaves nothing behind.
@@ -48,6 +49,14 @@ def to_hf(src: Path, dst: Path, dtype=None, overwrite=False) -> None:
         copy_tokenizer_files(src, out)
 
 
+def vision_to_project(src: Path, dst: Path, dtype=None, overwrite=False) -> None:
+    from vision.swin import load_hf_swin, save_converted
+    encoder = load_hf_swin(src)
+    if dtype is not None:
+        encoder.to(DTYPES[dtype])
+    save_converted(encoder, dst, overwrite=overwrite)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path)
@@ -56,11 +65,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", choices=["int8", "int4"], help="weight-only quantization of the linear layers")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim")
     ap.add_argument("--to-hf", action="store_true", help="convert a converted directory back to transformers")
+    ap.add_argument("--vision", action="store_true", help="SRC is a transformers SwinModel (the image encoder)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = ap.parse_args(argv)
     if not (args.src / "config.json").exists():
         ap.error(f"{args.src}: no config.json")
-    if args.to_hf:
+    if args.vision:
+        if args.quant or args.to_hf:
+            ap.error("--vision converts a Swin checkpoint to the project format only")
+        vision_to_project(args.src, args.dst, args.dtype, args.overwrite)
+    elif args.to_hf:
         if args.quant:
             ap.error("--quant applies to HF -> project conversion only")
         to_hf(args.src, args.dst, args.dtype, args.overwrite)

@@ -108,3 +108,21 @@ def test_converted_config_is_tagged(hf_dir, tmp_path):
     convert_weights.main([str(hf_dir), str(tmp_path / "conv")])
     meta = json.loads((tmp_path / "conv" / "config.json").read_text())
     assert meta["format"] == "stablelm" and meta["config"]["qk_layernorm"] is True
+
+
+def test_vision_mode_converts_a_swin_checkpoint(tmp_path):
+    from transformers import SwinConfig, SwinModel
+
+    from vision.swin import load_converted
+    torch.manual_seed(0)
+    hf = SwinModel(SwinConfig(image_size=56, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                              window_size=7)).eval()
+    hf.save_pretrained(tmp_path / "swin")
+    convert_weights.main([str(tmp_path / "swin"), str(tmp_path / "enc"), "--vision"])
+    encoder = load_converted(tmp_path / "enc").eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf(pixels)
+        tokens, pooled = encoder(pixels)
+    assert (tokens - ref.last_hidden_state).abs().max() < 1e-4
+    assert (pooled - ref.pooler_output).abs().max() < 1e-4
