@@ -1,2 +1,431 @@
-"""Weight-only quantized linear layers (int8 per output channel, int4 grouped)."""
-IMPLEMENTATIONS = {"quant_linear": {}}
+"""Weight-only quantized linear layers: int8 per output channel, int4 grouped along K, with Triton kernels.
+
+Formats (plain tensors, so they live in safetensors checkpoints; a weight is [N, K] = [out, in]):
+
+  int8   qweight int8 [N, K]; scales float32 [N]; zeros None.
+         Symmetric: w[n, k] ~= qweight[n, k] * scales[n], codes in [-127, 127], scale = max|w[n, :]| / 127.
+  int4   qweight uint8 [N, K // 2], two codes per byte: the LOW nibble holds the even column k = 2j, the HIGH
+         nibble the odd column k = 2j + 1. scales, zeros float32 [N, K // group_size].
+         Asymmetric min/max: w[n, k] ~= code * scales[n, g] + zeros[n, g] with g = k // group_size, codes in
+         [0, 15], scale = (max - min) / 15 over the group and zeros = the group minimum (the value of code 0, a
+         float, not an integer zero point: every weight is then within half a step of its dequantized value,
+         and dequantizing is one multiply-add). group_size must divide K and be a multiple of 16.
+  A constant row or group (zero range) gets scale 1, so it dequantizes exactly with no division by zero.
+
+Why float32 scales and zeros: the kernels do their math in float32, the round-trip bound above then holds for
+any weight magnitudes (bf16 scales add up to 2^-9 relative error per channel, fp16 ones under/overflow for
+unusual weights), and they are small: 4 bytes per output channel for int8 (0.16% of the weight bytes at
+K = 2560); 8 bytes per 128-weight group for int4 (12.5% on top of the 64 packed bytes; group_size 256 halves it).
+A module moved with .to(dtype) converts them too; every function here accepts any float dtype for them.
+
+Op (stablelm.ops.quant_linear): x [..., K] (float32 / float16 / bfloat16) -> [..., N] in x's dtype, plus bias
+[N] if given. Inference only: an x that requires grad is refused (no backward is implemented).
+
+Triton kernel: one program computes a BLOCK_M x BLOCK_N output tile over a range of K tiles (split-K), loading
+each weight tile once and dequantizing it in registers. The dequantization is factored out of the inner
+product so the tile product is exact in bf16/fp16 (codes are small integers):
+  int8: acc = sum_k x * code, times scales[n] once at the end;
+  int4: per K tile (inside one group): acc += scale * sum_k x * code + zero * sum_k x.
+Decode (M <= 64) uses a single row block, so every packed weight byte is read exactly once, and splits K so
+there are a few programs per SM (memory bound: the weight read is the cost); the split partials are summed by
+a second small kernel in a fixed order (deterministic, unlike atomics). M == 1 uses a multiply-and-reduce tile
+product on the CUDA cores (no 16-row tl.dot padding); larger M use tl.dot with float32 accumulation. Prefill
+keeps the fused tiled matmul rather than dequantizing to a temporary for torch.matmul: at K = 2560, M = 512
+the temporary's write + read (2 bytes per weight, twice) costs about as much as the matmul itself.
+"""
+import fnmatch
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
+INT4_GROUP_MULTIPLE = 16  # the smallest tl.dot depth: one group's scale covers whole K tiles
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Format: quantize / pack / dequantize
+
+def _check_format(K: int, bits: int, group_size: int) -> None:
+    if bits not in _QWEIGHT_DTYPES:
+        raise ValueError(f"quant: bits must be 4 or 8, got {bits!r}")
+    if bits == 4:
+        if not isinstance(group_size, int) or group_size <= 0 or group_size % INT4_GROUP_MULTIPLE:
+            raise ValueError(f"quant: int4 group_size must be a positive multiple of {INT4_GROUP_MULTIPLE}, "
+                             f"got {group_size!r}")
+        if K % group_size:
+            raise ValueError(f"quant: int4 group_size {group_size} does not divide in_features K={K}")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K] codes in [0, 15] (K even) -> uint8 [..., K // 2]: low nibble = even k, high = odd k."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4: last dim {codes.shape[-1]} must be even")
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [..., K // 2] -> uint8 [..., K]."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4: expected uint8, got {packed.dtype}")
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 128):
+    """(qweight, scales, zeros) of a float weight [N, K] in the format above (zeros None for int8).
+
+    Works on any device, the meta device included (checkpoint loading builds quantized modules there).
+    group_size applies to int4 only.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_weight: expected a float [N, K] weight, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    N, K = weight.shape
+    _check_format(K, bits, group_size)
+    w = weight.detach().float()
+    if bits == 8:
+        scales = w.abs().amax(dim=1) / 127
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        qweight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return qweight, scales, None
+    groups = w.view(N, K // group_size, group_size)
+    zeros = groups.amin(dim=2)
+    scales = (groups.amax(dim=2) - zeros) / 15
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((groups - zeros[..., None]) / scales[..., None]).clamp(0, 15)
+    return pack_int4(codes.view(N, K)), scales, zeros
+
+
+def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
+    """float32 weight [N, K] from the format above."""
+    if bits == 8:
+        _check_format(qweight.shape[1], bits, group_size)
+        return qweight.float() * scales.float()[:, None]
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    _check_format(K, bits, group_size)
+    codes = unpack_int4(qweight).float().view(N, K // group_size, group_size)
+    return (codes * scales.float()[..., None] + zeros.float()[..., None]).view(N, K)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+
+def _check_op_args(x, qweight, scales, zeros, bias, bits, group_size):
+    """Validate quant_linear's arguments; returns (N, K)."""
+    if bits not in _QWEIGHT_DTYPES:
+        raise ValueError(f"quant_linear: bits must be 4 or 8, got {bits!r}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("quant_linear is inference-only (no backward): call it under torch.no_grad() or "
+                           "pass inputs that do not require grad")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quant_linear: x dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    if qweight.dim() != 2 or qweight.dtype != _QWEIGHT_DTYPES[bits]:
+        raise ValueError(f"quant_linear: int{bits} qweight must be {_QWEIGHT_DTYPES[bits]} 2-D, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    N = qweight.shape[0]
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    _check_format(K, bits, group_size)
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"quant_linear: x {tuple(x.shape)} must end in in_features K={K}")
+    expected = (N,) if bits == 8 else (N, K // group_size)
+    if scales.shape != expected or not scales.is_floating_point():
+        raise ValueError(f"quant_linear: int{bits} scales must be float {expected}, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if bits == 8 and zeros is not None:
+        raise ValueError("quant_linear: int8 is symmetric, zeros must be None")
+    if bits == 4 and (zeros is None or zeros.shape != expected or not zeros.is_floating_point()):
+        got = None if zeros is None else f"{zeros.dtype} {tuple(zeros.shape)}"
+        raise ValueError(f"quant_linear: int4 zeros must be float {expected}, got {got}")
+    if bias is not None and (bias.shape != (N,) or not bias.is_floating_point()):
+        raise ValueError(f"quant_linear: bias must be float [N={N}], got {bias.dtype} {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"quant_linear: {name} is on {t.device} but x is on {x.device}")
+    return N, K
+
+
+def quant_linear_ref(x, qweight, scales, zeros, bias, bits, group_size):
+    """Reference: dequantize to float32, F.linear in float32, output in x's dtype."""
+    _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
+    w = dequantize_weight(qweight, scales, zeros, bits, group_size)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _quant_matmul_kernel(X, QW, SCALES, ZEROS, BIAS, OUT,
+                         M, N, K, tiles_per_split,
+                         sxm, sxk, sqn, sqk, ssn, ssg, szn, szg, so_split, som, son,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (m blocks, n blocks, K splits): OUT[split, m, n] = sum over this split's K tiles of x * dequant(w).
+
+    BLOCK_M == 1 multiplies and reduces on the CUDA cores; BLOCK_M >= 16 uses tl.dot. For int4, BLOCK_K
+    divides GROUP, so each K tile lies inside one group.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = X + offs_m.to(tl.int64)[:, None] * sxm
+    w_rows = QW + offs_n.to(tl.int64)[:, None] * sqn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_begin = pid_k * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    for t in range(t_begin, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        # Codes are small integers, exact in x's dtype, so the tile product below is exact before summing.
+        if BLOCK_M == 1:
+            w_dtype = tl.float32
+        else:
+            w_dtype = x.dtype
+        if BITS == 8:
+            codes = tl.load(w_rows + offs_k[None, :] * sqk, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0)
+            w = codes.to(w_dtype)
+        else:
+            offs_b = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_rows + offs_b[None, :] * sqk, mask=n_ok[:, None], other=0)
+            w = tl.interleave((packed & 15).to(w_dtype), (packed >> 4).to(w_dtype))
+        if BLOCK_M == 1:
+            prod = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        elif IEEE:
+            prod = tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            prod = tl.dot(x, tl.trans(w))
+        if BITS == 8:
+            acc += prod
+        else:
+            g = (t * BLOCK_K) // GROUP
+            scale = tl.load(SCALES + offs_n * ssn + g * ssg, mask=n_ok, other=0.0).to(tl.float32)
+            zero = tl.load(ZEROS + offs_n * szn + g * szg, mask=n_ok, other=0.0).to(tl.float32)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += prod * scale[None, :] + x_sum[:, None] * zero[None, :]
+    if BITS == 8:
+        acc *= tl.load(SCALES + offs_n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = OUT + pid_k * so_split + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * son
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(P, BIAS, OUT, N, n_splits, sps, spm, som,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[m, n] = sum_s P[s, m, n] (+ bias[n]), summed in split order, so results are reproducible."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(n_splits):
+        acc += tl.load(P + s * sps + m * spm + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(OUT + m * som + offs_n, acc.to(OUT.dtype.element_ty), mask=n_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+@dataclass(frozen=True)
+class QuantMatmulConfig:
+    """Tiling of _quant_matmul_kernel. block_m is 1 (CUDA-core tile product) or a power of two >= 16 (tl.dot);
+    block_n, block_k are powers of two >= 16 (for int4 block_k must divide group_size); split_k is an upper
+    bound on the K splits (the launcher drops splits that would get no tiles)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def _sm_count(device: torch.device) -> int:
+    # The interpreter has no SMs; a small count still makes the heuristic split K on small test shapes.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> QuantMatmulConfig:
+    """Heuristic tiling (not autotuned, so the first call may happen inside CUDA-graph capture); cached, since
+    eager decode pays it on every call."""
+    k_cap = _pow2_divisor(group_size) if bits == 4 else 1 << 30
+    sms = _sm_count(device)
+    if M > 64:
+        # Prefill: big tiles, narrowed while there would be less than one program per SM.
+        block_m, block_n = 128, 128
+        if triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < sms:
+            block_n = 64
+        if triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < sms:
+            block_m = 64
+        return QuantMatmulConfig(block_m, block_n, min(64, k_cap), num_warps=8 if block_m == 128 else 4)
+    if M == 1:
+        # ~8K weights per tile: enough bytes in flight per program without spilling the product tile.
+        block_m, block_k = 1, min(256 if bits == 8 else 128, k_cap)
+        block_n = 8192 // block_k
+    else:
+        block_m, block_n, block_k = max(16, triton.next_power_of_2(M)), 64, min(128, k_cap)
+    # Skinny M is memory bound: split K until there are ~4 programs per SM, keeping >= 2 K tiles per split.
+    tiles = triton.cdiv(K, block_k)
+    programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split_k = max(1, min(triton.cdiv(4 * sms, programs), tiles // 2, 32))
+    return QuantMatmulConfig(block_m, block_n, block_k, split_k)
+
+
+def _check_config(cfg: QuantMatmulConfig, bits: int, group_size: int) -> None:
+    def pow2(v):
+        return v >= 1 and v & (v - 1) == 0
+
+    if not (cfg.block_m == 1 or (cfg.block_m >= 16 and pow2(cfg.block_m))):
+        raise ValueError(f"quant_matmul: block_m must be 1 or a power of two >= 16, got {cfg.block_m}")
+    for name in ("block_n", "block_k"):
+        if not (getattr(cfg, name) >= 16 and pow2(getattr(cfg, name))):
+            raise ValueError(f"quant_matmul: {name} must be a power of two >= 16, got {getattr(cfg, name)}")
+    if bits == 4 and group_size % cfg.block_k:
+        raise ValueError(f"quant_matmul: int4 block_k {cfg.block_k} must divide group_size {group_size}")
+    if cfg.split_k < 1:
+        raise ValueError(f"quant_matmul: split_k must be >= 1, got {cfg.split_k}")
+
+
+def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: QuantMatmulConfig):
+    """x2 [M, K] -> [M, N] in x2's dtype with an explicit tiling (quant_linear_triton picks one).
+
+    Arguments are validated by the caller (_check_op_args); exposed for tests and tuning.
+    """
+    _check_config(config, bits, group_size)
+    M, K = x2.shape
+    N = qweight.shape[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M == 0 or N == 0:
+        return out
+    tiles = triton.cdiv(K, config.block_k)
+    tiles_per_split = triton.cdiv(tiles, config.split_k)
+    n_splits = triton.cdiv(tiles, tiles_per_split)
+    target = out if n_splits == 1 else torch.empty((n_splits, M, N), dtype=torch.float32, device=x2.device)
+    zeros_strides = (0, 0) if zeros is None else zeros.stride()
+    scales_strides = (scales.stride(0), 0) if bits == 8 else scales.stride()
+    grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n), n_splits)
+    _quant_matmul_kernel[grid](
+        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, target,
+        M, N, K, tiles_per_split,
+        *x2.stride(), *qweight.stride(), *scales_strides, *zeros_strides,
+        target.stride(0) if n_splits > 1 else 0, target.stride(-2), target.stride(-1),
+        BITS=bits, GROUP=group_size if bits == 4 else 1, HAS_BIAS=bias is not None and n_splits == 1,
+        IEEE=x2.dtype == torch.float32,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if n_splits > 1:
+        block_n = min(1024, triton.next_power_of_2(N))
+        _split_sum_kernel[(M, triton.cdiv(N, block_n))](
+            target, bias if bias is not None else target, out, N, n_splits, target.stride(0), target.stride(1),
+            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n)
+    return out
+
+
+def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
+    """Triton quant_linear: x [..., K] -> [..., N]; tiling from choose_config. Inference only."""
+    N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
+    x2 = x.reshape(-1, K)
+    cfg = choose_config(x2.shape[0], N, K, bits, group_size, x.device)
+    return quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, cfg).view(*x.shape[:-1], N)
+
+
+IMPLEMENTATIONS = {"quant_linear": {"torch": quant_linear_ref, "triton": quant_linear_triton}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized nn.Linear; its tensors are buffers, so state_dict holds the quantized format
+    (qweight, scales, zeros for int4, bias if any) under the replaced Linear's name."""
+
+    def __init__(self, qweight, scales, zeros, bias, bits: int, group_size: int):
+        super().__init__()
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
+        self.bits = bits
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> "QuantLinear":
+        qweight, scales, zeros = quantize_weight(linear.weight, bits, group_size)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(qweight, scales, zeros, bias, bits, group_size)
+
+    def forward(self, x):
+        from stablelm import ops  # stablelm.ops imports this module to register the kernels
+        return ops.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}{group}")
+
+
+def _skipped(name: str, skip) -> bool:
+    """A skip entry (an fnmatch pattern) matches the qualified name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, s) or fnmatch.fnmatchcase(leaf, s) for s in skip)
+
+
+def quantize_model(module: nn.Module, bits: int, group_size: int = 128, skip=("lm_head",)) -> nn.Module:
+    """Replace, in place, every nn.Linear whose qualified name matches no skip entry by a QuantLinear."""
+    if isinstance(module, nn.Linear):
+        raise ValueError("quantize_model: cannot replace the root module in place; use QuantLinear.from_linear")
+    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    for name, linear in targets:
+        try:
+            quantized = QuantLinear.from_linear(linear, bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"quantize_model: layer {name!r}: {e}") from None
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, quantized)
+    return module
+
+
+# The nn.Linear modules of the project's layout (stablelm/model.py). A bare state dict does not say which 2-D
+# tensors are Linear weights (embed.weight and the q_norm/k_norm weights are 2-D too); the tests check this
+# list against quantize_model on a StableLM.
+STABLELM_LINEARS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+def quantize_state_dict(tensors: dict, bits: int, group_size: int = 128, skip=("lm_head",),
+                        linears=STABLELM_LINEARS) -> dict:
+    """The state dict quantize_model(model, bits, group_size, skip) would have, from the float one: each
+    `<module>.weight` whose module's last name is in `linears` (and matches no skip entry) becomes
+    `<module>.qweight`, `.scales` (and `.zeros` for int4); every other tensor is kept as is."""
+    out = {}
+    for key, tensor in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf != "weight" or module.rsplit(".", 1)[-1] not in linears or _skipped(module, skip):
+            out[key] = tensor
+            continue
+        try:
+            qweight, scales, zeros = quantize_weight(tensor, bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"quantize_state_dict: {key!r}: {e}") from None
+        out[f"{module}.qweight"], out[f"{module}.scales"] = qweight, scales
+        if zeros is not None:
+            out[f"{module}.zeros"] = zeros
+    return out
