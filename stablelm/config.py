@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 ROPE_TYPES = ("default", "linear", "dynamic")
 
 # Keys of a Hugging Face config.json that do not change inference (bookkeeping, generation defaults, labels).
-_IGNORED_HF_KEYS = {
+IGNORED_HF_KEYS = {
     "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
     "initializer_range", "use_cache", "output_hidden_states", "output_attentions", "return_dict",
     "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type", "pad_token_id",
@@ -136,7 +136,7 @@ class StableLMConfig:
         for key in list(hf):
             if key in names:
                 kw[key] = hf.pop(key)
-            elif key in _IGNORED_HF_KEYS:
+            elif key in IGNORED_HF_KEYS:
                 hf.pop(key)
         if hf:
             raise ValueError(f"config: unknown fields {sorted(hf)} (not part of the StableLM forward pass)")

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stablelm.checkpoint import CheckpointError, atomic_dir, check_tensors, read_hf_tensors
-from stablelm.config import _IGNORED_HF_KEYS
+from stablelm.config import IGNORED_HF_KEYS
 
 FORMAT = "swin"
 VERSION = 1
@@ -120,7 +120,7 @@ class SwinConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: hf.pop(k) for k in list(hf) if k in names}
         derived = {k: hf.pop(k) for k in ("num_layers", "hidden_size") if k in hf}
-        unknown = sorted(k for k in hf if k not in _IGNORED_HF_KEYS | _IGNORED_SWIN_KEYS)
+        unknown = sorted(k for k in hf if k not in IGNORED_HF_KEYS | _IGNORED_SWIN_KEYS)
         if unknown:
             raise ValueError(f"config: unknown fields {unknown} (not part of the Swin encoder's forward pass)")
         cfg = cls(**kw)
