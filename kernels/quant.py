@@ -315,8 +315,8 @@ def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: Qua
     M, K = x2.shape
     N = qweight.shape[0]
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    if M == 0 or N == 0:
-        return out
+    if M == 0 or N == 0 or K == 0:  # an empty sum leaves just the bias
+        return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
     tiles = triton.cdiv(K, config.block_k)
     tiles_per_split = triton.cdiv(tiles, config.split_k)
     n_splits = triton.cdiv(tiles, tiles_per_split)
