@@ -286,7 +286,7 @@ def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         block_m, block_n, block_k = max(16, triton.next_power_of_2(M)), 64, min(128, k_cap)
     # Skinny M is memory bound: split K until there are ~4 programs per SM, keeping >= 2 K tiles per split.
     tiles = triton.cdiv(K, block_k)
-    programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    programs = max(1, triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
     split_k = max(1, min(triton.cdiv(4 * sms, programs), tiles // 2, 32))
     return QuantMatmulConfig(block_m, block_n, block_k, split_k)
 
@@ -344,7 +344,7 @@ def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: Qua
 def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
     """Triton quant_linear: x [..., K] -> [..., N]; tiling from choose_config. Inference only."""
     N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(x.shape[:-1].numel(), K)  # not -1: ambiguous when K == 0
     cfg = choose_config(x2.shape[0], N, K, bits, group_size, x.device)
     return quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, cfg).view(*x.shape[:-1], N)
 

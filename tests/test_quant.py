@@ -136,6 +136,15 @@ def test_leading_dims_and_strided_input():
                                quant_linear_ref(x, q, s.half(), z.half(), b, 4, 32), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("impl", [quant_linear_ref, quant_linear_triton])
+def test_empty_inputs(impl):
+    q, s, _, b = quantized(5, 16, 8, 128)
+    assert impl(torch.randn(2, 0, 16, device=DEVICE), q, s, None, b, 8, 128).shape == (2, 0, 5)
+    # K == 0: the empty sum leaves the bias.
+    out = impl(torch.randn(3, 0, device=DEVICE), q[:, :0], s, None, b, 8, 128)
+    assert torch.equal(out, b.expand(3, 5))
+
+
 def test_heuristic_splits_skinny_inputs_only():
     cpu = torch.device("cpu")
     assert choose_config(1, 64, 4096, 8, 128, cpu).split_k > 1
