@@ -127,7 +127,7 @@ def _check_op_args(x, qweight, scales, zeros, bias, bits, group_size):
         raise RuntimeError("quant_linear is inference-only (no backward): call it under torch.no_grad() or "
                            "pass inputs that do not require grad")
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"quant_linear: x dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+        raise TypeError(f"quant_linear: x dtype {x.dtype} is not supported (float32, float16, bfloat16)")
     if qweight.dim() != 2 or qweight.dtype != _QWEIGHT_DTYPES[bits]:
         raise ValueError(f"quant_linear: int{bits} qweight must be {_QWEIGHT_DTYPES[bits]} 2-D, got "
                          f"{qweight.dtype} {tuple(qweight.shape)}")

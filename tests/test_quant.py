@@ -177,7 +177,7 @@ def test_op_argument_errors(impl):
         impl(x, q4, s8, z4, None, 4, 32)
     with pytest.raises(ValueError, match=r"bias must be float \[N=8\]"):
         impl(x, q8, s8, None, torch.randn(9, device=DEVICE), 8, 128)
-    with pytest.raises(ValueError, match="x dtype torch.int32"):
+    with pytest.raises(TypeError, match="x dtype torch.int32"):
         impl(x.int(), q8, s8, None, None, 8, 128)
     with pytest.raises(RuntimeError, match="inference-only"):
         impl(x.requires_grad_(), q8, s8, None, None, 8, 128)
