@@ -98,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--contexts", default="128,512,1024,2048,4096")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--quant", choices=["int8", "int4"])
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size (tiny: 32)")
     ap.add_argument("--hf-rows", default="1x128,1x2048,8x512,32x512,64x512",
                     help="batch x context rows where transformers also runs ('all' or 'none')")
     ap.add_argument("--no-graph", action="store_true", help="time only the eager decode step")
@@ -119,7 +120,8 @@ def main(argv=None):
     model = StableLM.random(cfg, device=device, dtype=dtype)
     if args.quant:
         from kernels.quant import quantize_model
-        quantize_model(model, {"int8": 8, "int4": 4}[args.quant])
+        group = 32 if args.tiny else args.group_size  # the tiny MLP width (352) is not a multiple of 128
+        quantize_model(model, {"int8": 8, "int4": 4}[args.quant], group)
     elt = torch.finfo(dtype).bits // 8
     rows = []
     for batch in batches:

@@ -18,3 +18,8 @@ def test_prefill_tiny():
     payload = prefill.main(["--tiny"])
     assert {r["impl"] for r in payload["rows"]} == {"stablelm", "transformers-sdpa", "transformers-eager"}
     assert all(r["ms"] > 0 for r in payload["rows"])
+
+
+def test_decode_tiny_quantized():
+    payload = decode.main(["--tiny", "--quant", "int4"])
+    assert {r["impl"] for r in payload["rows"]} == {"stablelm-eager-int4"}
