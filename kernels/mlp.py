@@ -1,6 +1,15 @@
-"""SwiGLU activation: silu(gate) * up, the middle of StableLM's MLP (down(silu(gate(x)) * up(x)))."""
+"""SwiGLU activation: silu(gate) * up, the middle of StableLM's MLP (down(silu(gate(x)) * up(x))).
+
+Triton implementation: one elementwise pass in float32 with the output in gate's dtype. gate and up are read in
+place through (row, column) strides, so the two halves of the fused gate_up projection output need no copy.
+Backward (dgate, dup) is one more pass, through a torch.autograd.Function.
+"""
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.norm import FLOAT_DTYPES, layout_error, row_layout
 
 
 def swiglu_ref(gate, up):
@@ -8,4 +17,125 @@ def swiglu_ref(gate, up):
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-IMPLEMENTATIONS = {"swiglu": {"torch": swiglu_ref}}
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _tile(n_rows, H, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(m, h, contiguous row index, columns, mask) of this program's [BLOCK_R, BLOCK_C] tile."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows // H, rows % H, rows, cols, mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, O, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, n_rows, H, n_cols,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (cdiv(rows, BLOCK_R), cdiv(cols, BLOCK_C)); O is contiguous [rows, cols]."""
+    m, h, rows, cols, mask = _tile(n_rows, H, n_cols, BLOCK_R, BLOCK_C)
+    g = tl.load(G + (m * g_sm + h * g_sh)[:, None] + cols[None, :] * g_sn, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + (m * u_sm + h * u_sh)[:, None] + cols[None, :] * u_sn, mask=mask, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    tl.store(O + rows[:, None] * n_cols + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(G, U, DO, DG, DU,
+                       g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
+                       STORE_DG: tl.constexpr, STORE_DU: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Same grid as the forward; DG and DU are contiguous [rows, cols]."""
+    m, h, rows, cols, mask = _tile(n_rows, H, n_cols, BLOCK_R, BLOCK_C)
+    g = tl.load(G + (m * g_sm + h * g_sh)[:, None] + cols[None, :] * g_sn, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + (m * u_sm + h * u_sh)[:, None] + cols[None, :] * u_sn, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + (m * d_sm + h * d_sh)[:, None] + cols[None, :] * d_sn, mask=mask, other=0.0)
+    do = do.to(tl.float32)
+    sig = tl.sigmoid(g)
+    out = rows[:, None] * n_cols + cols[None, :]
+    if STORE_DG:
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        tl.store(DG + out, (do * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+    if STORE_DU:
+        tl.store(DU + out, (do * g * sig).to(DU.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+def _grid(n_rows: int, n_cols: int):
+    """(grid, BLOCK_R, BLOCK_C, num_warps): tiles of 1024 elements, 8 per thread (16-byte half-type accesses)."""
+    block_c = min(triton.next_power_of_2(n_cols), 1024)
+    block_r = max(1, min(triton.next_power_of_2(n_rows), 1024 // block_c))
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
+    return grid, block_r, block_c, max(1, block_r * block_c // 256)
+
+
+def _check_swiglu_args(gate, up):
+    for name, t in (("gate", gate), ("up", up)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"swiglu: {name} dtype {t.dtype} is not supported (float32, float16, bfloat16)")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"swiglu: up dtype {up.dtype} must equal gate's dtype {gate.dtype}")
+    if up.shape != gate.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if up.device != gate.device:
+        raise ValueError(f"swiglu: up is on {up.device} but gate is on {gate.device}")
+    if gate.dim() == 0:
+        raise ValueError("swiglu: gate and up must have at least one dim")
+    for name, t in (("gate", gate), ("up", up)):
+        if row_layout([t]) is None:
+            raise layout_error("swiglu", name, t)
+
+
+def _swiglu_forward(gate, up):
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    M, H, ((g_sm, g_sh, g_sn), (u_sm, u_sh, u_sn)) = row_layout([gate, up])
+    n_rows, n_cols = M * H, gate.shape[-1]
+    if n_rows * n_cols == 0:
+        return out
+    grid, block_r, block_c, num_warps = _grid(n_rows, n_cols)
+    _swiglu_fwd_kernel[grid](gate, up, out, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, n_rows, H, n_cols,
+                             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+def _swiglu_backward(gate, up, grad, need_dgate, need_dup):
+    layout = row_layout([gate, up, grad])
+    if layout is None:  # an incoming grad of an unusual layout: a contiguous one always fits with gate and up
+        grad = grad.contiguous()
+        layout = row_layout([gate, up, grad])
+    M, H, ((g_sm, g_sh, g_sn), (u_sm, u_sh, u_sn), (d_sm, d_sh, d_sn)) = layout
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if need_dgate else None
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device) if need_dup else None
+    n_rows, n_cols = M * H, gate.shape[-1]
+    if n_rows * n_cols > 0:
+        grid, block_r, block_c, num_warps = _grid(n_rows, n_cols)
+        _swiglu_bwd_kernel[grid](gate, up, grad, gate if dgate is None else dgate, up if dup is None else dup,
+                                 g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
+                                 STORE_DG=need_dgate, STORE_DU=need_dup,
+                                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return dgate, dup
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return _swiglu_backward(gate, up, grad, *ctx.needs_input_grad)
+
+
+def swiglu_triton(gate, up):
+    """silu(gate) * up in one pass (views such as the halves of a fused projection are read in place)."""
+    _check_swiglu_args(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLUFunction.apply(gate, up)
+    return _swiglu_forward(gate, up)
+
+
+IMPLEMENTATIONS = {"swiglu": {"torch": swiglu_ref, "triton": swiglu_triton}}
