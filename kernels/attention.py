@@ -74,14 +74,15 @@ def attention_sdpa(q, k, v, kv_start=None, causal=True, scale=None):
 def _configs(params, fallback, interpret_params):
     """Autotune candidates on a GPU; one small fixed config in the interpreter so CPU tests stay fast.
 
-    params: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; fallback: a small unpipelined config that fits in
-    shared memory for any supported head_dim and dtype (see _keep_fallback_for_wide_rows).
+    params: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tuples; fallback: a small unpipelined config that
+    fits in shared memory for any supported head_dim and dtype (see _keep_fallback_for_wide_rows).
     """
     if _INTERPRET:
         params = [interpret_params]
     else:
         params = params + [fallback]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in params]
+    return [triton.Config({"BLOCK_M": p[0], "BLOCK_N": p[1]}, num_warps=p[2], num_stages=p[3],
+                          maxnreg=p[4] if len(p) > 4 else None) for p in params]
 
 
 def _keep_fallback_for_wide_rows(configs, named_args, **kwargs):
@@ -94,9 +95,11 @@ def _keep_fallback_for_wide_rows(configs, named_args, **kwargs):
 # Chosen for Hopper (H100: 228 KB shared memory and 64K registers per SM) by compiling for sm_90 offline and keeping
 # the candidates that do not spill registers at head_dim 80 (ptxas -v); the autotuner picks among them on the GPU.
 # At head_dim 80 the forward is bound by the softmax (exp2 and row reductions) more than by the tensor cores, so
-# 128-row query blocks over 8 warps (two warpgroups of 64 rows) amortise the per-block bookkeeping best; 64-row
-# blocks are there for short query lengths.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2)],
+# 128-row query blocks over 8 warps (two warpgroups of 64 rows) amortise the per-block bookkeeping best. Capped at
+# 128 registers (it needs 152, and still does not spill at 128), that config fits two CTAs per SM, so one CTA's
+# softmax overlaps the other's matmuls. 64-row blocks are there for short query lengths.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (128, 128, 8, 3),
+                         (128, 64, 4, 3), (64, 64, 4, 3)],
                         fallback=(32, 32, 4, 1), interpret_params=(32, 16, 4, 1))
 # Backward, per key block: the dk and dv accumulators (2 x BLOCK_N x D fp32) stay in registers for the whole
 # kernel, so the query step (BLOCK_M) stays small to leave room for the [BLOCK_N, BLOCK_M] score tiles.
