@@ -107,9 +107,9 @@ _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)],
                          fallback=(16, 32, 4, 1), interpret_params=(16, 32, 4, 1))
 _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
                        fallback=(32, 16, 4, 1), interpret_params=(32, 16, 4, 1))
-# Autotune keys: head_dim split, causal flag and power-of-two buckets of the lengths (tuning per exact length would
+# Autotune keys: head_dim split, causal and padding flags, and power-of-two buckets of the lengths (tuning per exact length would
 # re-tune on every new prompt length). Tensor dtypes are part of the key automatically.
-_KEY = ["Q_BUCKET", "K_BUCKET", "D_LO", "D_HI", "CAUSAL"]
+_KEY = ["Q_BUCKET", "K_BUCKET", "D_LO", "D_HI", "CAUSAL", "HAS_KV_START"]
 _PRUNE = {"early_config_prune": _keep_fallback_for_wide_rows}
 
 
@@ -578,7 +578,7 @@ def _check(q, k, v, kv_start, scale):
     if kv_start is not None:
         if not isinstance(kv_start, torch.Tensor) or kv_start.shape != (B,) or kv_start.dtype not in (torch.int32,
                                                                                                       torch.int64):
-            raise ValueError(f"attention_triton: kv_start must be an int32 tensor of shape ({B},), got "
+            raise ValueError(f"attention_triton: kv_start must be an int32 (or int64) tensor of shape ({B},), got "
                              f"{kv_start.dtype if isinstance(kv_start, torch.Tensor) else type(kv_start).__name__} "
                              f"{tuple(kv_start.shape) if isinstance(kv_start, torch.Tensor) else ''}")
         if kv_start.device != q.device:

@@ -185,6 +185,15 @@ def test_head_dim_split_is_exact():
     assert 80 in _HEAD_DIMS and 64 in _HEAD_DIMS and 128 in _HEAD_DIMS
 
 
+def test_fallback_config_only_for_wide_rows():
+    from kernels.attention import _keep_fallback_for_wide_rows
+    configs = ["tuned", "fallback"]
+    bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
+    assert _keep_fallback_for_wide_rows(configs, dict(Q=bf16), D_LO=64, D_HI=16) == ["tuned"]
+    assert _keep_fallback_for_wide_rows(configs, dict(Q=bf16), D_LO=256, D_HI=0) == configs
+    assert _keep_fallback_for_wide_rows(configs, dict(Q=fp32), D_LO=64, D_HI=16) == configs
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda q, k, v: dict(q=q[0]), "4-D"),
     (lambda q, k, v: dict(k=k.half()), "dtype"),
