@@ -107,8 +107,8 @@ _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)],
                          fallback=(16, 32, 4, 1), interpret_params=(16, 32, 4, 1))
 _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
                        fallback=(32, 16, 4, 1), interpret_params=(32, 16, 4, 1))
-# Autotune keys: head_dim split, causal and padding flags, and power-of-two buckets of the lengths (tuning per exact length would
-# re-tune on every new prompt length). Tensor dtypes are part of the key automatically.
+# Autotune keys: head_dim split, causal and padding flags, and power-of-two buckets of the lengths (tuning per exact
+# length would re-tune on every new prompt length). Tensor dtypes are part of the key automatically.
 _KEY = ["Q_BUCKET", "K_BUCKET", "D_LO", "D_HI", "CAUSAL", "HAS_KV_START"]
 _PRUNE = {"early_config_prune": _keep_fallback_for_wide_rows}
 
