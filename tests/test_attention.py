@@ -1,8 +1,9 @@
 """Prefill attention: the Triton kernels (forward and backward) and SDPA against the float32 reference.
 
-CPU runs go through the Triton interpreter with small shapes and block sizes (32 x 16 forward), so lengths like 37
-still cover several key blocks, partial blocks, the causal diagonal and left padding. GPU tests use bf16 at real
-StableLM-3B sizes with the autotuned Hopper configs.
+Without a GPU the kernels run in the Triton interpreter with small shapes and block sizes (32 x 16 forward), so
+lengths like 37 still cover several key blocks, partial blocks, the causal diagonal and left padding; with a GPU the
+same small cases run compiled. The @pytest.mark.gpu tests add bf16 at real StableLM-3B sizes with the autotuned
+Hopper configs.
 """
 import math
 import os
@@ -16,6 +17,8 @@ from kernels.attention import _HEAD_DIMS, attention_ref, attention_sdpa, attenti
 from stablelm import StableLM, preset
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Without a GPU these tests run the kernels in the interpreter; with one, the same small cases run compiled.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Per-dtype tolerances for the CPU comparisons (reference: float32 math on the same, upcast inputs).
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -40,7 +43,7 @@ def _interpreter_numpy_compat():
         yield
 
 
-def make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, device="cpu", layout="bshd"):
+def make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, device=DEVICE, layout="bshd"):
     """q, k, v with grads; "bshd" gives the model's transposed views of [B, S, H, D], "bhsd" contiguous tensors,
     "strided" a head_dim stride of 2 (every other element of a wider buffer)."""
     def one(H, S):
@@ -82,8 +85,8 @@ CASES = {
 def test_triton_matches_reference_fp32(name):
     B, Hq, Hkv, Sq, Sk, D, starts, causal = CASES[name]
     q, k, v = make_inputs(B, Hq, Hkv, Sq, Sk, D, torch.float32)
-    kv_start = torch.tensor(starts, dtype=torch.int32) if starts is not None else None
-    dout = torch.randn(B, Hq, Sq, D)
+    kv_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE) if starts is not None else None
+    dout = torch.randn(B, Hq, Sq, D, device=DEVICE)
     out, grads = run(attention_triton, q, k, v, dout, kv_start=kv_start, causal=causal)
     ref_out, ref_grads = reference(q, k, v, dout, kv_start=kv_start, causal=causal)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
@@ -96,8 +99,8 @@ def test_triton_matches_reference_fp16():
     # The interpreter computes bf16 wrongly (numpy has no bfloat16), so half precision is checked in float16 here.
     B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 29, 37, 80
     q, k, v = make_inputs(B, Hq, Hkv, Sq, Sk, D, torch.float16)
-    kv_start = torch.tensor([3, 12], dtype=torch.int32)
-    dout = torch.randn(B, Hq, Sq, D, dtype=torch.float16)
+    kv_start = torch.tensor([3, 12], dtype=torch.int32, device=DEVICE)
+    dout = torch.randn(B, Hq, Sq, D, dtype=torch.float16, device=DEVICE)
     out, grads = run(attention_triton, q, k, v, dout, kv_start=kv_start)
     ref_out, ref_grads = reference(q, k, v, dout, kv_start=kv_start)
     assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
@@ -109,7 +112,7 @@ def test_triton_matches_reference_fp16():
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])
 def test_triton_any_strides(layout):
     q, k, v = make_inputs(1, 2, 1, 23, 23, 80, torch.float32, layout=layout)
-    dout = torch.randn(1, 2, 23, 80)
+    dout = torch.randn(1, 2, 23, 80, device=DEVICE)
     out, grads = run(attention_triton, q, k, v, dout)
     ref_out, ref_grads = reference(q, k, v, dout)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
@@ -128,8 +131,8 @@ def test_triton_fully_masked_rows_are_zero_with_finite_grads():
     # Batch 0: keys 0..8 are padding, so queries 0..8 see nothing; batch 1: every key is padding.
     B, H, S, D = 2, 2, 19, 80
     q, k, v = make_inputs(B, H, H, S, S, D, torch.float32)
-    kv_start = torch.tensor([9, S], dtype=torch.int32)
-    dout = torch.randn(B, H, S, D)
+    kv_start = torch.tensor([9, S], dtype=torch.int32, device=DEVICE)
+    dout = torch.randn(B, H, S, D, device=DEVICE)
     out, (dq, dk, dv) = run(attention_triton, q, k, v, dout, kv_start=kv_start)
     assert torch.equal(out[0, :, :9], torch.zeros_like(out[0, :, :9]))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -147,7 +150,7 @@ def test_triton_fully_masked_rows_are_zero_with_finite_grads():
 
 def test_triton_custom_scale():
     q, k, v = make_inputs(1, 2, 1, 17, 17, 64, torch.float32)
-    dout = torch.randn(1, 2, 17, 64)
+    dout = torch.randn(1, 2, 17, 64, device=DEVICE)
     out, grads = run(attention_triton, q, k, v, dout, scale=0.3)
     ref_out, ref_grads = reference(q, k, v, dout, scale=0.3)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
@@ -157,7 +160,7 @@ def test_triton_custom_scale():
 
 def test_triton_empty_query():
     q, k, v = make_inputs(1, 2, 1, 0, 6, 64, torch.float32)
-    out, (dq, dk, dv) = run(attention_triton, q, k, v, torch.randn(1, 2, 0, 64))
+    out, (dq, dk, dv) = run(attention_triton, q, k, v, torch.randn(1, 2, 0, 64, device=DEVICE))
     assert out.shape == (1, 2, 0, 64) and dq.shape == q.shape
     assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
@@ -165,22 +168,24 @@ def test_triton_empty_query():
 def test_model_trains_and_continues_a_cache_through_triton_attention():
     # The tiny model (GQA, head_dim 32) with a left-padded batch: logits and every parameter gradient match the
     # reference attention; then a multi-token step on top of a KV cache exercises Sq < Sk on cache slices.
-    model = StableLM.random(preset("tiny", num_key_value_heads=2), seed=1)
-    ids = torch.randint(0, 512, (2, 13))
-    mask = torch.ones(2, 13, dtype=torch.long)
+    model = StableLM.random(preset("tiny", num_key_value_heads=2), seed=1, device=DEVICE)
+    ids = torch.randint(0, 512, (2, 13), device=DEVICE)
+    mask = torch.ones(2, 13, dtype=torch.long, device=DEVICE)
     mask[1, :4] = 0
-    targets = torch.randint(0, 512, (2, 13))
+    targets = torch.randint(0, 512, (2, 13), device=DEVICE)
+    # Every other op on its reference, so only the attention differs between the two runs.
+    others = {op: "torch" for op in ("rotary", "rotary_cache", "decode_attention", "layer_norm", "swiglu")}
 
     def train_step(impl):
         model.zero_grad()
-        with ops.using(attention=impl):
+        with ops.using(attention=impl, **others):
             logits = model(ids, attention_mask=mask)
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
         return logits, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     def cached(impl):
         cache = model.make_cache(2, 32)
-        with ops.using(attention=impl), torch.no_grad():
+        with ops.using(attention=impl, **others), torch.no_grad():
             model(ids[:, :8], attention_mask=mask[:, :8], cache=cache)
             return model(ids[:, 8:], cache=cache)
 
@@ -195,13 +200,13 @@ def test_model_trains_and_continues_a_cache_through_triton_attention():
 def test_sdpa_matches_reference():
     for B, Hq, Hkv, Sq, Sk, D, starts, causal in CASES.values():
         q, k, v = make_inputs(B, Hq, Hkv, Sq, Sk, D, torch.float32)
-        kv_start = torch.tensor(starts, dtype=torch.int32) if starts is not None else None
+        kv_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE) if starts is not None else None
         out = attention_sdpa(q, k, v, kv_start=kv_start, causal=causal)
         ref = attention_ref(q, k, v, kv_start=kv_start, causal=causal)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     # Fully masked rows: zeros, not SDPA's NaN.
     q, k, v = make_inputs(1, 2, 2, 7, 7, 64, torch.float32)
-    out = attention_sdpa(q, k, v, kv_start=torch.tensor([4], dtype=torch.int32))
+    out = attention_sdpa(q, k, v, kv_start=torch.tensor([4], dtype=torch.int32, device=DEVICE))
     assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4])) and torch.isfinite(out).all()
 
 
@@ -226,24 +231,26 @@ def test_fallback_config_only_for_wide_rows():
     assert _keep_fallback_for_wide_rows(configs, dict(Q=fp32), D_LO=64, D_HI=16) == configs
 
 
+def rand(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda q, k, v: dict(q=q[0]), "4-D"),
     (lambda q, k, v: dict(k=k.half()), "dtype"),
     (lambda q, k, v: dict(q=q.int(), k=k.int(), v=v.int()), "dtype"),
     (lambda q, k, v: dict(v=v[:, :, :5]), "same shape"),
-    (lambda q, k, v: dict(q=torch.randn(1, 3, 6, 64)), "multiple"),
-    (lambda q, k, v: dict(q=torch.randn(1, 4, 9, 64)), "key length"),
-    (lambda q, k, v: dict(q=torch.randn(2, 4, 6, 64)), "batch"),
-    (lambda q, k, v: dict(q=torch.randn(1, 4, 6, 72), k=torch.randn(1, 2, 8, 72), v=torch.randn(1, 2, 8, 72)),
-     "head_dim 72"),
-    (lambda q, k, v: dict(kv_start=torch.zeros(2, dtype=torch.int32)), "kv_start"),
-    (lambda q, k, v: dict(kv_start=torch.zeros(1)), "kv_start"),
+    (lambda q, k, v: dict(q=rand(1, 3, 6, 64)), "multiple"),
+    (lambda q, k, v: dict(q=rand(1, 4, 9, 64)), "key length"),
+    (lambda q, k, v: dict(q=rand(2, 4, 6, 64)), "batch"),
+    (lambda q, k, v: dict(q=rand(1, 4, 6, 72), k=rand(1, 2, 8, 72), v=rand(1, 2, 8, 72)), "head_dim 72"),
+    (lambda q, k, v: dict(kv_start=torch.zeros(2, dtype=torch.int32, device=DEVICE)), "kv_start"),
+    (lambda q, k, v: dict(kv_start=torch.zeros(1, device=DEVICE)), "kv_start"),
     (lambda q, k, v: dict(kv_start=torch.zeros(1, dtype=torch.int32, device="meta")), "kv_start is on"),
     (lambda q, k, v: dict(scale=0.0), "scale"),
 ])
 def test_triton_rejects_bad_input(bad, match):
-    args = dict(q=torch.randn(1, 4, 6, 64), k=torch.randn(1, 2, 8, 64), v=torch.randn(1, 2, 8, 64), kv_start=None,
-                scale=None)
+    args = dict(q=rand(1, 4, 6, 64), k=rand(1, 2, 8, 64), v=rand(1, 2, 8, 64), kv_start=None, scale=None)
     args.update(bad(args["q"], args["k"], args["v"]))
     with pytest.raises((ValueError, TypeError), match=match):
         attention_triton(**args)
@@ -252,7 +259,7 @@ def test_triton_rejects_bad_input(bad, match):
 @pytest.mark.skipif(INTERPRET, reason="only meaningful without the interpreter")
 def test_triton_rejects_cpu_tensors_without_interpreter():
     with pytest.raises(ValueError, match="CUDA"):
-        attention_triton(*make_inputs(1, 2, 2, 4, 4, 64, torch.float32))
+        attention_triton(*make_inputs(1, 2, 2, 4, 4, 64, torch.float32, device="cpu"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
