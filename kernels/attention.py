@@ -13,7 +13,8 @@ The Triton kernels never materialise the Sq x Sk score matrix: the forward keeps
 the probabilities block by block from it. Key blocks that the causal mask or the left padding hide entirely are
 never visited, and only the blocks that straddle a mask boundary pay for the masking. A head_dim that is not a power
 of two is split into two power-of-two parts (80 = 64 + 16), each with its own tl.dot, so StableLM-3B's head_dim 80
-does 80-wide work rather than 128-wide work with 48 masked lanes.
+does 80-wide work rather than 128-wide work with 48 masked lanes. float32 inputs use three-pass tf32 products
+(fp32-level accuracy on the tensor cores); float16/bfloat16 use their own tensor-core products with fp32 accumulation.
 """
 import math
 import os
@@ -197,6 +198,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_START,
                      D_LO: tl.constexpr, D_HI: tl.constexpr, D_HI_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_KV_START: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Q_BUCKET and K_BUCKET (here and in the backward kernels) are only read by the autotuner, as part of its key.
     # Causal query blocks near the end do the most work: launch them first so the grid's tail is short blocks.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
