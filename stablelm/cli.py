@@ -1,0 +1,264 @@
+"""Command line: `python -m stablelm generate | convert | info`.
+
+    python -m stablelm generate --model DIR --prompt "..." [--max-new-tokens N] [--temperature T] [--top-k K]
+                                [--top-p P] [--repetition-penalty R] [--num-beams N] [--seed S] [--chat]
+                                [--device cuda|cpu] [--dtype bf16|fp16|fp32]
+    python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
+    python -m stablelm convert SRC DST [convert_weights.py options]
+    python -m stablelm info --model DIR
+
+Generated text streams to stdout as tokens arrive (beam search prints at the end, with a progress bar); notes,
+timings and tokens/s go to stderr, so stdout holds only the text.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPES, FORMAT, is_hf_dir, project_shapes
+from .config import StableLMConfig, preset
+
+RANDOM_NOTE = ("note: no --model given, so this is the built-in tiny model with RANDOM weights and byte-level token "
+               "ids: the text is noise. Pass --model DIR (a converted or Hugging Face checkpoint) for real output.")
+
+
+class ByteTokenizer:
+    """The fallback without a checkpoint: a token id is one UTF-8 byte (0-255). Ids >= 256 (the tiny model's
+    vocabulary is 512) are no byte and print as U+FFFD."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def stream_decoder(self) -> "_ByteStream":
+        return _ByteStream()
+
+
+class _ByteStream:
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(bytes([token_id]))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- generate
+def _load(args):
+    """(model, tokenizer, stop ids, pad id) for the arguments."""
+    import stablelm
+    from .model import StableLM
+    from .tokenizer import Tokenizer
+
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    if args.model is None:
+        _log(RANDOM_NOTE)
+        model = StableLM.random(preset("tiny"), device=args.device, dtype=dtype)
+        return model, ByteTokenizer(), list(model.config.eos_token_id), None
+    t0 = time.perf_counter()
+    _log(f"loading {args.model} on {args.device} ({dtype}) ...")
+    tokenizer = Tokenizer.from_dir(args.model)
+    model = stablelm.load(args.model, device=args.device, dtype=dtype)
+    _log(f"loaded {model.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f} s")
+    stop_ids = list(tokenizer.eos_ids) or list(model.config.eos_token_id)
+    return model, tokenizer, stop_ids, tokenizer.pad_id
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    if not args.chat:
+        return tokenizer.encode(args.prompt)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    # The rendered template already holds its special tokens (bos included where the template wants one).
+    return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _sampling_options(args, parser) -> dict:
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        parser.error("--temperature 0 means greedy decoding; --top-k/--top-p need sampling (temperature > 0)")
+    sampling = bool(args.temperature) or args.top_k is not None or args.top_p is not None
+    if not sampling:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature or 1.0, "top_k": args.top_k or 0,
+            "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed}
+
+
+def cmd_generate(args, parser) -> int:
+    from .generate import GenerationConfig, generate
+
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                  repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                                  length_penalty=args.length_penalty, **_sampling_options(args, parser))
+    except ValueError as e:
+        parser.error(str(e))
+    if args.chat and args.model is None:
+        parser.error("--chat needs a checkpoint's tokenizer and chat template (pass --model DIR)")
+    model, tokenizer, stop_ids, pad_id = _load(args)
+    ids = _prompt_ids(args, tokenizer)
+    if not ids:
+        parser.error("the prompt encodes to no tokens")
+    config = config.replace(stop_ids=tuple(stop_ids), pad_id=pad_id)
+    input_ids = torch.tensor([ids], device=args.device)
+    decoder = tokenizer.stream_decoder()
+    stops = set(stop_ids)
+    n_tokens, first_at = 0, None
+
+    def text_of(token_id: int) -> str:
+        # A model's embedding is often larger than its tokenizer's vocabulary; those ids have no text.
+        return decoder.push(token_id) if token_id < tokenizer.vocab_size else "\ufffd"
+
+    def stream(tokens: torch.Tensor) -> None:
+        # One prompt: generation ends right after the first stop id, so no padding arrives here.
+        nonlocal n_tokens, first_at
+        token_id = int(tokens[0])
+        n_tokens += 1
+        first_at = first_at or time.perf_counter()
+        if token_id not in stops:
+            sys.stdout.write(text_of(token_id))
+            sys.stdout.flush()
+
+    beam = config.num_beams > 1
+    start = time.perf_counter()
+    out = generate(model, input_ids, config=config, streamer=None if beam else stream, progress=beam)
+    if model.embed.weight.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    if beam:
+        for token_id in out[0].tolist():
+            n_tokens += 1
+            if token_id in stops:
+                break
+            sys.stdout.write(text_of(token_id))
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    rate = f"{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s"
+    if first_at is not None and n_tokens > 1:
+        rate += (f" (first token after {first_at - start:.2f} s, then "
+                 f"{(n_tokens - 1) / max(time.perf_counter() - first_at, 1e-9):.1f} tokens/s)")
+    _log(f"{rate}; prompt {len(ids)} tokens")
+    return 0
+
+
+# ---------------------------------------------------------------- info
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+
+
+def _stored_dtypes(files: list[Path]) -> dict[str, int]:
+    """Element count per stored dtype, read from safetensors headers only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                part = st.get_slice(name)
+                numel = 1
+                for n in part.get_shape():
+                    numel *= n
+                counts[part.get_dtype()] = counts.get(part.get_dtype(), 0) + numel
+    return counts
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """A checkpoint directory's config, parameter count, stored dtypes and files, without loading the weights."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    meta = json.loads((path / "config.json").read_text())
+    if is_hf_dir(path):
+        kind, cfg, quant = "Hugging Face (convert it with `python -m stablelm convert`)", StableLMConfig.from_hf(meta), None
+    else:
+        kind, cfg, quant = f"converted ({FORMAT} v{meta.get('version')})", StableLMConfig.from_dict(meta["config"]), \
+            meta.get("quantization")
+    files = _weight_files(path)
+    params = sum(torch.Size(s).numel() for s in project_shapes(cfg).values())
+    return {"path": str(path), "format": kind, "config": cfg.to_dict(), "parameters": params,
+            "stored_dtypes": _stored_dtypes(files) or meta.get("torch_dtype") or meta.get("dtype"),
+            "quantization": quant, "weight_files": [f.name for f in files],
+            "weight_bytes": sum(f.stat().st_size for f in files),
+            "tokenizer_files": sorted(p.name for p in path.iterdir()
+                                      if p.name.startswith(("tokenizer", "special_tokens", "generation_config")))}
+
+
+def cmd_info(args, parser) -> int:
+    try:
+        info = checkpoint_info(args.model)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        parser.error(str(e))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['format']}")
+    print(f"parameters: {info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)")
+    print(f"stored dtypes: {info['stored_dtypes']}")
+    print(f"quantization: {info['quantization'] or 'none'}")
+    print(f"weights: {', '.join(info['weight_files']) or 'none'} ({info['weight_bytes'] / 2**20:.1f} MiB)")
+    print(f"tokenizer files: {', '.join(info['tokenizer_files']) or 'none'}")
+    print("config:")
+    for key, value in info["config"].items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stablelm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
+    g.set_defaults(handler=cmd_generate, subparser=g)
+    g.add_argument("--model", help="checkpoint directory (converted or Hugging Face); default: tiny random model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    g.add_argument("--system", help="system message for --chat")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, help="> 0 samples; 0 or unset is greedy (unless --top-k/--top-p)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search only")
+    g.add_argument("--seed", type=int, help="sampling seed (same seed, same text)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+
+    # Listed for --help only: main() hands everything after "convert" to convert_weights.py unparsed.
+    sub.add_parser("convert", help="convert a checkpoint (arguments as convert_weights.py; try convert --help)")
+
+    i = sub.add_parser("info", help="config, parameter count and dtypes of a checkpoint directory")
+    i.add_argument("--model", required=True)
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(handler=cmd_info, subparser=i)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        import convert_weights  # the standalone script at the repository root (installed as a module)
+        return convert_weights.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, args.subparser)
