@@ -31,7 +31,8 @@ def test_valid_annotation_fills_missing_splits_and_keeps_extra_keys():
     (lambda d: d["train"][1].update(report="  "), r"train\[1\] \(id 's1'\): 'report' must be a non-empty"),
     (lambda d: d["train"][0].pop("id"), r"train\[0\]: 'id' must be a non-empty string"),
     (lambda d: d["train"][0].update(id=7), r"train\[0\]: 'id' must be a non-empty string, got 7"),
-    (lambda d: d["train"][1].update(image_path="s1/0.png"), r"train\[1\] \(id 's1'\): 'image_path' must be a non-empty list"),
+    (lambda d: d["train"][1].update(image_path="s1/0.png"),
+     r"train\[1\] \(id 's1'\): 'image_path' must be a non-empty list"),
     (lambda d: d["train"][1].update(image_path=[]), r"train\[1\] \(id 's1'\): 'image_path'"),
     (lambda d: d["train"][1].update(image_path=["a.png", 3]), r"train\[1\] \(id 's1'\): 'image_path'"),
     (lambda d: d["train"][1].update(split="test"), r"train\[1\] \(id 's1'\): 'split' is 'test'"),
@@ -291,7 +292,8 @@ def test_synthetic_reports_name_exactly_the_findings():
         lesion = kinds.get("nodule") or kinds.get("mass")
         if lesion:
             assert f"{lesion['side']} {lesion['zone']} lung" in report
-            assert ("nodul" in report) == (lesion["kind"] == "nodule") and ("mass" in report) == (lesion["kind"] == "mass")
+            assert ("nodul" in report) == (lesion["kind"] == "nodule")
+            assert ("mass" in report) == (lesion["kind"] == "mass")
         else:
             assert "nodule in" not in report and " mass " not in report
         sides = {f["side"] for f in findings if "side" in f}

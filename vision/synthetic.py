@@ -23,6 +23,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -137,6 +138,31 @@ def _lesion_mask(u, v, finding, cu, cv):
 
 
 # ---------------------------------------------------------------------------- frontal view
+class _Lung(NamedTuple):
+    side: str
+    sign: float          # -1 on the image's left (patient's right), +1 on its right
+    cu: float            # centre and half-axes of the ellipse the lung is cut from
+    cv: float
+    w: float
+    h: float
+    dome: np.ndarray     # hemidiaphragm height per pixel column
+    outline: np.ndarray  # ellipse minus mediastinum, before the dome cuts it
+    mask: np.ndarray     # the aerated lung field
+
+
+def _frontal_lungs(u, v, anat: Anatomy) -> list[_Lung]:
+    lungs = []
+    for i, side in enumerate(SIDES):
+        sign = -1.0 if side == "right" else 1.0
+        cu, w, h = 0.5 + sign * 0.2, anat.lung_w[i], anat.lung_h[i]
+        cv = anat.dome_v[i] - 0.85 * h
+        # the dome cuts the bottom of a taller ellipse, leaving a sharp lateral costophrenic angle
+        dome = anat.dome_v[i] - 0.05 * (1.0 - np.clip(((u - cu) / w) ** 2, 0.0, 1.0))
+        outline = np.minimum(_ellipse(u, v, cu, cv, w, h, 0.008), _soft(sign * (u - 0.5) - 0.055, 0.01))
+        lungs.append(_Lung(side, sign, cu, cv, w, h, dome, outline, np.minimum(outline, _soft(dome - v, 0.006))))
+    return lungs
+
+
 def render_frontal(anat: Anatomy, findings: list[dict], size: int, rng: np.random.Generator):
     """Frontal (PA) view -> (uint8 [size, size], {finding name: bool mask of the pixels it changed})."""
     u, v = _grid(size, anat)
@@ -146,55 +172,44 @@ def render_frontal(anat: Anatomy, findings: list[dict], size: int, rng: np.rando
     body = np.maximum(_ellipse(u, v, 0.5, 0.64, 0.45, 0.6, 0.02), _ellipse(u, v, 0.5, 0.2, 0.5, 0.1, 0.02))
     body = np.maximum(body, _soft(np.minimum(0.075 - np.abs(u - 0.5), 0.2 - v), 0.01))  # neck
     img = _blend(img, body, 0.42)
-
-    lungs, lung_params = [], []
-    for i, side in enumerate(SIDES):
-        sign = -1.0 if side == "right" else 1.0          # patient's right on the image's left
-        cu, w, h = 0.5 + sign * 0.2, anat.lung_w[i], anat.lung_h[i]
-        cv = anat.dome_v[i] - 0.85 * h
-        # the dome cuts the bottom of a taller ellipse, leaving a sharp lateral costophrenic angle
-        dome = anat.dome_v[i] - 0.05 * (1.0 - np.clip(((u - cu) / w) ** 2, 0.0, 1.0))
-        shape = np.minimum(_ellipse(u, v, cu, cv, w, h, 0.008), _soft(dome - v, 0.006))
-        shape = np.minimum(shape, _soft(sign * (u - 0.5) - 0.055, 0.01))  # mediastinal border
-        lungs.append(shape)
-        lung_params.append((side, sign, cu, cv, w, h, dome))
+    lungs = _frontal_lungs(u, v, anat)
 
     # pneumothorax: the lung collapses towards the hilum, leaving a rim of air without markings
-    rim = np.zeros((size, size))
-    collapsed_line = np.zeros((size, size))
+    rim = collapsed_line = np.zeros((size, size))
     if "pneumothorax" in kinds:
         f = kinds["pneumothorax"]
-        side, sign, cu, cv, w, h, _ = lung_params[SIDES.index(f["side"])]
+        lung = lungs[SIDES.index(f["side"])]
         shrink = 0.2 if f["size"] == "small" else 0.4
-        ccu, ccv = cu - sign * w * shrink * 0.6, cv + h * shrink * 0.5
-        collapsed = _ellipse(u, v, ccu, ccv, w * (1 - shrink), h * (1 - shrink * 0.8), 0.004)
-        rim = np.clip(lungs[SIDES.index(f["side"])] - collapsed, 0.0, 1.0)
-        r = np.sqrt(((u - ccu) / (w * (1 - shrink))) ** 2 + ((v - ccv) / (h * (1 - shrink * 0.8))) ** 2)
-        collapsed_line = _soft(0.004 - np.abs(r - 1.0) * w, 0.003) * lungs[SIDES.index(f["side"])]
+        ccu, ccv = lung.cu - lung.sign * lung.w * shrink * 0.6, lung.cv + lung.h * shrink * 0.5
+        cw, ch = lung.w * (1 - shrink), lung.h * (1 - shrink * 0.8)
+        rim = np.clip(lung.mask - _ellipse(u, v, ccu, ccv, cw, ch, 0.004), 0.0, 1.0)
+        r = np.sqrt(((u - ccu) / cw) ** 2 + ((v - ccv) / ch) ** 2)
+        collapsed_line = _soft(0.004 - np.abs(r - 1.0) * lung.w, 0.003) * lung.mask
         masks["pneumothorax_" + f["side"]] = rim > 0.5
 
-    lung = np.maximum(lungs[0], lungs[1])
-    img = img - 0.27 * lung
+    aerated = np.maximum(lungs[0].mask, lungs[1].mask)
+    img = img - 0.27 * aerated
     rib_v = np.arange(0.16, 0.8, 0.075) + anat.rib_phase
     ribs = sum(_soft(0.007 - np.abs(v - rv - 0.07 * ((u - 0.5) / 0.3) ** 2), 0.004) for rv in rib_v)
-    img = img + 0.06 * np.clip(ribs, 0, 1) * lung
+    img = img + 0.06 * np.clip(ribs, 0, 1) * aerated
     markings = np.zeros((size, size))
-    for (side, sign, cu, _, w, _, _) in lung_params:
-        hu, hv = 0.5 + sign * 0.085, 0.47
+    for lung in lungs:
+        hu, hv = 0.5 + lung.sign * 0.085, 0.47   # hilum
         for angle, length in anat.vessels:
-            a = angle if sign > 0 else np.pi - angle
-            markings = np.maximum(markings, _segment(u, v, hu, hv, hu + length * np.cos(a), hv + length * np.sin(a),
-                                                     0.0035))
-    img = img + 0.06 * markings * lung * (1.0 - rim)
+            a = angle if lung.sign > 0 else np.pi - angle
+            end_u, end_v = hu + length * np.cos(a), hv + length * np.sin(a)
+            markings = np.maximum(markings, _segment(u, v, hu, hv, end_u, end_v, 0.0035))
+    img = img + 0.06 * markings * aerated * (1.0 - rim)
     img = img - 0.08 * rim + 0.12 * collapsed_line
 
-    # mediastinum, spine, trachea, heart, abdomen below the domes, gastric bubble under the left dome
+    # mediastinum and spine, trachea, abdomen below the domes, gastric bubble under the left dome
     img = _blend(img, _soft(0.05 - np.abs(u - 0.5), 0.012) * _soft(v - 0.1, 0.02), 0.56)
     img = _blend(img, _soft(0.011 - np.abs(u - 0.5), 0.004) * _soft(np.minimum(v - 0.04, 0.4 - v), 0.02), 0.22)
-    below = np.maximum(_soft(v - lung_params[0][6], 0.006) * (u < 0.5), _soft(v - lung_params[1][6], 0.006) * (u >= 0.5))
+    below = np.where(u < 0.5, _soft(v - lungs[0].dome, 0.006), _soft(v - lungs[1].dome, 0.006))
     img = _blend(img, below * body, 0.52)
     img = _blend(img, _ellipse(u, v, 0.66, anat.dome_v[1] + 0.045, 0.04, 0.025, 0.008) * body, 0.2)
-    # the heart sits on the domes, its apex towards the patient's left
+    # the heart sits on the domes, its apex towards the patient's left; drawn over any effusion so that an
+    # enlarged heart stays visible
     heart_w, heart_h, heart_u, heart_v = anat.heart_w, anat.heart_h, 0.535, anat.dome_v[1] - 0.1
     if "cardiomegaly" in kinds:
         normal = _ellipse(u, v, heart_u, heart_v, heart_w, heart_h)
@@ -202,26 +217,24 @@ def render_frontal(anat: Anatomy, findings: list[dict], size: int, rng: np.rando
     heart = _ellipse(u, v, heart_u, heart_v, heart_w, heart_h, 0.008) * _soft(anat.dome_v[1] + 0.02 - v, 0.01)
     if "cardiomegaly" in kinds:
         masks["cardiomegaly"] = (heart > 0.5) & (normal < 0.5)
-    img = _blend(img, heart, 0.6)
-
     if "effusion" in kinds:
         f = kinds["effusion"]
         height = 0.07 if f["size"] == "small" else 0.14
         for side in (SIDES if f["side"] == "both" else (f["side"],)):
-            _, sign, cu, cv, w, h, dome = lung_params[SIDES.index(side)]
-            lateral = np.clip(sign * (u - cu) / w, -1.0, 1.0)           # 1 at the lateral wall
-            level = dome - height - 0.06 * np.clip(lateral, 0.0, 1.0) ** 2  # meniscus climbs laterally
-            outline = np.minimum(_ellipse(u, v, cu, cv, w, h, 0.008), _soft(sign * (u - 0.5) - 0.055, 0.01))
-            fluid = np.minimum(outline, _soft(v - level, 0.01)) * _soft(dome + 0.01 - v, 0.01)
+            lung = lungs[SIDES.index(side)]
+            lateral = np.clip(lung.sign * (u - lung.cu) / lung.w, 0.0, 1.0)   # 1 at the lateral wall
+            level = lung.dome - height - 0.06 * lateral ** 2                   # the meniscus climbs laterally
+            fluid = np.minimum(lung.outline, _soft(v - level, 0.01)) * _soft(lung.dome + 0.01 - v, 0.01)
             img = _blend(img, fluid, 0.5)
-            masks["effusion_" + side] = fluid > 0.5
+            masks["effusion_" + side] = (fluid > 0.5) & (heart < 0.5)
+    img = _blend(img, heart, 0.6)
 
     for f in findings:
         if f["kind"] in ("nodule", "mass"):
-            _, sign, cu, cv, w, h, _ = lung_params[SIDES.index(f["side"])]
-            top, bottom = cv - h, anat.dome_v[SIDES.index(f["side"])] - 0.06
+            lung = lungs[SIDES.index(f["side"])]
+            top, bottom = lung.cv - lung.h, anat.dome_v[SIDES.index(f["side"])] - 0.06
             zone_v = top + (0.25, 0.5, 0.75)[ZONES.index(f["zone"])] * (bottom - top)
-            lesion = _lesion_mask(u, v, f, cu + sign * 0.3 * w + f["du"], zone_v + f["dv"])
+            lesion = _lesion_mask(u, v, f, lung.cu + lung.sign * 0.3 * lung.w + f["du"], zone_v + f["dv"])
             img = img + 0.24 * lesion
             masks[f"{f['kind']}_{f['side']}_{f['zone']}"] = lesion > 0.5
     return _finish(img, anat, rng), masks
@@ -234,7 +247,8 @@ def render_lateral(anat: Anatomy, findings: list[dict], size: int, rng: np.rando
     kinds = {f["kind"]: f for f in findings}
     masks = {}
     img = np.full((size, size), 0.04)
-    body = np.maximum(_ellipse(u, v, 0.5, 0.62, 0.36, 0.6, 0.02), _soft(np.minimum(0.12 - np.abs(u - 0.55), 0.3 - v), 0.01))
+    shoulders = _soft(np.minimum(0.12 - np.abs(u - 0.55), 0.3 - v), 0.01)
+    body = np.maximum(_ellipse(u, v, 0.5, 0.62, 0.36, 0.6, 0.02), shoulders)
     img = _blend(img, body, 0.42)
     dome_base = 0.5 * (anat.dome_v[0] + anat.dome_v[1])
     dome = dome_base - 0.04 + 0.08 * np.clip((u - 0.2) / 0.6, 0.0, 1.0)   # posterior sulcus lowest
@@ -275,57 +289,65 @@ def render_lateral(anat: Anatomy, findings: list[dict], size: int, rng: np.rando
 
 
 # ---------------------------------------------------------------------------- reports
-def _pick(rng, options):
-    return options[int(rng.integers(len(options)))]
+# Phrasings per statement; {side}, {zone}, {size}, {Size} are filled from the finding.
+PHRASES = {
+    "cardiomegaly": ["The heart is enlarged.", "There is cardiomegaly.", "The cardiac silhouette is enlarged.",
+                     "Cardiomegaly is present."],
+    "normal_heart": ["The heart is normal in size.", "Heart size is normal.",
+                     "The cardiomediastinal silhouette is within normal limits.",
+                     "The cardiac silhouette is normal in size."],
+    "mediastinum": ["The mediastinum is unremarkable.", "Mediastinal contours are normal."],
+    "nodule": ["There is a nodule in the {side} {zone} lung zone.", "A {side} {zone} lung nodule is seen.",
+               "A small nodular opacity projects over the {side} {zone} lung."],
+    "mass": ["There is a mass in the {side} {zone} lung zone.", "A {side} {zone} lung mass is present.",
+             "A large opacity consistent with a mass is seen in the {side} {zone} lung."],
+    "clear_lungs": ["The lungs are clear.", "No focal consolidation.", "There is no focal airspace disease."],
+    "no_lesion": ["No focal consolidation.", "No pulmonary nodules or masses."],
+    "effusion": ["There is a {size} {side} pleural effusion.", "A {size} {side} pleural effusion is present.",
+                 "{Size} {side} pleural effusion blunting the {side} costophrenic angle."],
+    "bilateral_effusion": ["There are {size} bilateral pleural effusions.",
+                           "{Size} bilateral pleural effusions are present."],
+    "pneumothorax": ["There is a {size} {side} pneumothorax.", "A {size} {side} pneumothorax is seen.",
+                     "{Size} {side} apical pneumothorax."],
+    "no_pleural": ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
+                   "No pneumothorax or pleural effusion."],
+    "no_effusion": ["No pleural effusion.", "There is no pleural effusion."],
+    "no_pneumothorax": ["No pneumothorax.", "There is no pneumothorax."],
+    "bones": ["No acute osseous abnormality.", "The osseous structures are intact."],
+}
 
 
 def write_report(findings: list[dict], rng: np.random.Generator) -> str:
     """A report naming exactly the drawn findings, plus normal statements for what is absent."""
     kinds = {f["kind"]: f for f in findings}
     sentences = []
-    if "cardiomegaly" in kinds:
-        sentences.append(_pick(rng, ["The heart is enlarged.", "There is cardiomegaly.",
-                                     "The cardiac silhouette is enlarged.", "Cardiomegaly is present."]))
-    else:
-        sentences.append(_pick(rng, ["The heart is normal in size.", "Heart size is normal.",
-                                     "The cardiomediastinal silhouette is within normal limits.",
-                                     "The cardiac silhouette is normal in size."]))
+
+    def say(key, finding=None):
+        fields = dict(finding or {})
+        if "size" in fields:
+            fields["Size"] = fields["size"].capitalize()
+        options = PHRASES[key]
+        sentences.append(options[int(rng.integers(len(options)))].format(**fields))
+
+    say("cardiomegaly" if "cardiomegaly" in kinds else "normal_heart")
     if rng.random() < 0.4:
-        sentences.append(_pick(rng, ["The mediastinum is unremarkable.", "Mediastinal contours are normal."]))
+        say("mediastinum")
     lesion = kinds.get("nodule") or kinds.get("mass")
     if lesion:
-        s, z = lesion["side"], lesion["zone"]
-        sentences.append(_pick(rng, [f"There is a nodule in the {s} {z} lung zone.", f"A {s} {z} lung nodule is seen.",
-                                     f"A small nodular opacity projects over the {s} {z} lung."]
-                               if lesion["kind"] == "nodule" else
-                               [f"There is a mass in the {s} {z} lung zone.", f"A {s} {z} lung mass is present.",
-                                f"A large opacity consistent with a mass is seen in the {s} {z} lung."]))
-    elif not findings or rng.random() < 0.5:
-        sentences.append(_pick(rng, ["The lungs are clear.", "No focal consolidation.",
-                                     "There is no focal airspace disease."] if not findings else
-                               ["No focal consolidation.", "No pulmonary nodules or masses."]))
+        say(lesion["kind"], lesion)
+    elif not findings:
+        say("clear_lungs")
+    elif rng.random() < 0.5:
+        say("no_lesion")
     effusion, ptx = kinds.get("effusion"), kinds.get("pneumothorax")
     if effusion:
-        size, side = effusion["size"], effusion["side"]
-        sentences.append(_pick(rng, [f"There are {size} bilateral pleural effusions.",
-                                     f"{size.capitalize()} bilateral pleural effusions are present."]
-                               if side == "both" else
-                               [f"There is a {size} {side} pleural effusion.",
-                                f"A {size} {side} pleural effusion is present.",
-                                f"{size.capitalize()} {side} pleural effusion blunting the {side} costophrenic angle."]))
+        say("bilateral_effusion" if effusion["side"] == "both" else "effusion", effusion)
     if ptx:
-        size, side = ptx["size"], ptx["side"]
-        sentences.append(_pick(rng, [f"There is a {size} {side} pneumothorax.", f"A {size} {side} pneumothorax is seen.",
-                                     f"{size.capitalize()} {side} apical pneumothorax."]))
-    if not effusion and not ptx:
-        sentences.append(_pick(rng, ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
-                                     "No pneumothorax or pleural effusion."]))
-    elif not effusion:
-        sentences.append(_pick(rng, ["No pleural effusion.", "There is no pleural effusion."]))
-    elif not ptx:
-        sentences.append(_pick(rng, ["No pneumothorax.", "There is no pneumothorax."]))
+        say("pneumothorax", ptx)
+    if not effusion or not ptx:
+        say("no_pleural" if not (effusion or ptx) else "no_pneumothorax" if effusion else "no_effusion")
     if rng.random() < 0.5:
-        sentences.append(_pick(rng, ["No acute osseous abnormality.", "The osseous structures are intact."]))
+        say("bones")
     return " ".join(sentences)
 
 
