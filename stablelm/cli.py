@@ -186,11 +186,13 @@ def checkpoint_info(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no config.json")
     meta = json.loads((path / "config.json").read_text())
     if is_hf_dir(path):
-        kind, cfg, quant = "Hugging Face (convert it with `python -m stablelm convert`)", StableLMConfig.from_hf(meta), None
+        kind, cfg = "Hugging Face (convert it with `python -m stablelm convert`)", StableLMConfig.from_hf(meta)
+        quant = None
     else:
-        kind, cfg, quant = f"converted ({FORMAT} v{meta.get('version')})", StableLMConfig.from_dict(meta["config"]), \
-            meta.get("quantization")
+        kind, cfg = f"converted ({FORMAT} v{meta.get('version')})", StableLMConfig.from_dict(meta["config"])
+        quant = meta.get("quantization")
     files = _weight_files(path)
+    # The logical parameter count: quantized tensors are stored packed, with scales beside them.
     params = sum(torch.Size(s).numel() for s in project_shapes(cfg).values())
     return {"path": str(path), "format": kind, "config": cfg.to_dict(), "parameters": params,
             "stored_dtypes": _stored_dtypes(files) or meta.get("torch_dtype") or meta.get("dtype"),
