@@ -224,3 +224,12 @@ def test_java_meteor_on_reports():
     assert 0.1 < java < 0.9
     assert abs(java - python) < 0.1
     assert meteor_backend("auto") == "java" and compute_scores(refs, hyps)["METEOR"] == java
+
+
+@needs_java_meteor
+def test_java_meteor_restarts_after_its_process_died():
+    refs, hyps = _d("the heart is normal .", "no effusion ."), _d("the heart is normal .", "small effusion .")
+    first = meteor(refs, hyps, "java")
+    metrics._java_process._proc.kill()
+    metrics._java_process._proc.wait()
+    assert meteor(refs, hyps, "java") == first

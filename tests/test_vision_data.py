@@ -119,6 +119,20 @@ def test_eval_transform_resizes_and_normalises():
     torch.testing.assert_close(out, _normalised((10, 128, 250)).expand(3, 224, 224), rtol=0, atol=1e-6)
 
 
+def test_eval_transform_equals_r2gengpt_image_processor():
+    """R2GenGPT preprocesses every split with the Hugging Face image processor of
+    microsoft/swin-base-patch4-window7-224 (ViT processor: 224x224 bicubic, 1/255, ImageNet statistics)."""
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.ViTImageProcessorPil(
+        do_resize=True, size={"height": 224, "width": 224}, resample=Image.BICUBIC, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    rng = np.random.default_rng(0)
+    for shape in [(300, 260), (224, 224), (97, 150)]:
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert("RGB")
+        expected = processor(np.array(img), return_tensors="pt").pixel_values[0]
+        torch.testing.assert_close(XrayTransform(train=False)(img), expected, rtol=0, atol=1e-6)
+
+
 def _gradient(w, h):
     yy, xx = np.mgrid[0:h, 0:w]
     return Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8))

@@ -241,14 +241,15 @@ def _meteor_python(refs, hyps, ids) -> float:
     for k in ids:
         hyp = _TOKEN.findall(hyps[k][0].lower())
         candidates = [_meteor_stats(hyp, _TOKEN.findall(r.lower())) for r in refs[k]]
-        best = max(candidates, key=lambda stats: _meteor_from_stats(*stats))  # first best, as Meteor
+        best = max(candidates, key=lambda stats: _meteor_from_stats(*stats))
         totals = [t + s for t, s in zip(totals, best)]
     return _meteor_from_stats(*totals)
 
 
 def _meteor_jar() -> Path | None:
     spec = importlib.util.find_spec("pycocoevalcap")
-    for root in (spec.submodule_search_locations or []) if spec else []:
+    roots = spec.submodule_search_locations if spec and spec.submodule_search_locations else []
+    for root in roots:
         jar = Path(root) / "meteor" / "meteor-1.5.jar"
         if jar.is_file():
             return jar
@@ -284,20 +285,25 @@ class _MeteorJava:
         def clean(text):
             return re.sub(r"\s+", " ", text.replace("|||", "")).strip()
         with self._lock:
-            stats = [self._ask(" ||| ".join(["SCORE", *map(clean, refs[k]), clean(hyps[k][0])])) for k in ids]
-            self._ask(" ||| ".join(["EVAL", *stats]))  # first answer: the first study's score
-            for _ in ids[1:]:
-                self._read()
-            return float(self._read())
+            try:
+                stats = [self._ask(" ||| ".join(["SCORE", *map(clean, refs[k]), clean(hyps[k][0])])) for k in ids]
+                self._ask(" ||| ".join(["EVAL", *stats]))  # first answer: the first study's score
+                for _ in ids[1:]:
+                    self._read()
+                return float(self._read())
+            except Exception:
+                self.close()  # out of step with the protocol now: the next call starts a fresh process
+                raise
 
     def alive(self) -> bool:
         return self._proc.poll() is None
 
     def close(self):
         if self.alive():
-            self._proc.stdin.close()
             self._proc.kill()
-            self._proc.wait()
+        self._proc.wait()
+        self._proc.stdin.close()
+        self._proc.stdout.close()
         self._stderr.close()
 
 
