@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -53,12 +55,40 @@ def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
     return times[len(times) // 2]
 
 
-def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+def bench_ms(call, input_sets, warmup=10, rep=50) -> float:
+    """Median ms of call(*inputs) (triton's do_bench: CUDA events, L2 flushed before each call), cycling over
+    input_sets so consecutive calls touch different memory."""
+    from triton.testing import do_bench
+    cycle = itertools.cycle(input_sets)
+    return do_bench(lambda: call(*next(cycle)), warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_ms(call, input_sets, calls_per_graph=32) -> float:
+    """Median ms per call of call(*inputs) without the host's launch cost: the calls (cycling over input_sets)
+    are captured in one CUDA graph whose replays are timed. For kernels of a few microseconds, where Python
+    launch overhead would otherwise be what is measured; the decode step runs the same way (stablelm.graph)."""
+    for inputs in input_sets:  # compile / autotune outside the capture
+        call(*inputs)
+    torch.cuda.synchronize()
+    n = max(calls_per_graph, len(input_sets))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            call(*input_sets[i % len(input_sets)])
+    return bench_ms(graph.replay, [()], warmup=3, rep=30) / n
+
+
+def copies_for(nbytes: int) -> int:
+    """How many input copies to rotate over so that together they do not fit in L2."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(16, math.ceil(3 * l2 / max(nbytes, 1))))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    src = torch.randn(nbytes // 4, device="cuda")
+    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=20)
-    return 2 * src.numel() * 4 / ms / 1e6
+    return 2 * nbytes / bench_ms(lambda: dst.copy_(src), [()]) / 1e6
 
 
 def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:

@@ -18,7 +18,6 @@ IMPLEMENTATIONS dicts; a missing one prints a "skipped: not implemented" row.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import re
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, markdown_table, write_json
+from bench.common import bench_ms, copies_for, copy_bandwidth_gbs, environment, graph_ms, markdown_table, write_json
 
 HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, ROTARY_DIM = 32, 80, 2560, 6912, 20  # StableLM-3B
 DTYPE = torch.bfloat16
@@ -34,26 +33,6 @@ DEVICE = "cuda"
 TARGETS = dict(prefill_fwd_vs_flash=1.3, decode_frac_copy=0.8, rotary_frac_copy=0.8)
 # Reference points measured earlier on this H100, printed for context.
 REFERENCE = "reference H100 measurements: SDPA flash causal fwd head_dim 80 = 324 TFLOP/s, copy = 3.0 TB/s"
-
-
-def bench_ms(call, input_sets, warmup=10, rep=50):
-    """Median ms of call(*inputs), cycling over input_sets so consecutive calls touch different memory."""
-    from triton.testing import do_bench
-    cycle = itertools.cycle(input_sets)
-    return do_bench(lambda: call(*next(cycle)), warmup=warmup, rep=rep, return_mode="median")
-
-
-def copies_for(nbytes):
-    """How many input copies to rotate over so that they do not fit in L2 together."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    return max(1, min(16, math.ceil(3 * l2 / max(nbytes, 1))))
-
-
-def copy_bandwidth_gbs(nbytes=1 << 30):
-    src = torch.empty(nbytes // 2, device=DEVICE, dtype=torch.bfloat16).normal_()
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), [()])
-    return 2 * nbytes / ms / 1e6
 
 
 def lookup(module, op, name):
@@ -177,7 +156,7 @@ def bench_decode(batches, contexts, copy_gbs):
                 if fn is None:
                     row["us"] = "skipped: not implemented"
                 else:
-                    ms, err = guarded(lambda: bench_ms(fn, decode_sets(B, ctx, nbytes)))
+                    ms, err = guarded(lambda: graph_ms(fn, decode_sets(B, ctx, nbytes)))
                     if ms:
                         gbs = nbytes / ms / 1e6
                         row.update({"us": ms * 1e3, "GB/s": gbs, "frac_copy": gbs / copy_gbs})
@@ -225,7 +204,7 @@ def bench_elementwise(B, S, copy_gbs):
             def measure():
                 sets = make_sets()
                 nbytes = count_bytes(fn, sets[0])
-                ms = bench_ms(fn, sets)
+                ms = graph_ms(fn, sets)
                 return ms, nbytes
             res, err = guarded(measure)
             if res:
@@ -339,6 +318,7 @@ def default_out(gpu_name):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes (about a minute)")
+    ap.add_argument("--sections", default="prefill,decode,elementwise", help="comma-separated subset to run")
     ap.add_argument("--out", help="JSON path (default bench/results/kernels_<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -350,10 +330,11 @@ def main(argv=None):
     copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth (1 GiB device-to-device, read + write): {copy_gbs:.0f} GB/s")
 
-    prefill = bench_prefill(prefill_shapes(args.quick))
+    sections = set(args.sections.split(","))
+    prefill = bench_prefill(prefill_shapes(args.quick)) if "prefill" in sections else []
     decode = bench_decode([1, 8], [512, 2048, 8192] if args.quick else [128, 256, 512, 1024, 2048, 4096, 8192],
-                          copy_gbs)
-    elementwise = bench_elementwise(4 if args.quick else 8, 2048, copy_gbs)
+                          copy_gbs) if "decode" in sections else []
+    elementwise = bench_elementwise(4 if args.quick else 8, 2048, copy_gbs) if "elementwise" in sections else []
     goals = targets(prefill, decode, elementwise)
     print("\n## Targets\n")
     print(markdown_table(goals, ["target", "rows", "min", "median", "max", "unit", "result"]))

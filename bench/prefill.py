@@ -66,7 +66,6 @@ def main(argv=None):
                 cache.reset()
                 model(ids, cache=cache, last_only=True)
             ours[seq] = record("stablelm", seq, time_cuda(run, warmup=2, iters=5))
-            del cache
         if not args.no_hf:
             for attn in ("sdpa", "eager"):
                 hf = build_hf(model, attn)

@@ -215,11 +215,12 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
     device = model.embed.weight.device
     batch, prompt_len, mask = _check_prompt(model, input_ids, attention_mask, input_embeds, device)
     beams = cfg.num_beams
-    try:
-        cache = model.make_cache(batch * beams, prompt_len + cfg.max_new_tokens)
-    except ValueError as e:
+    total, limit = prompt_len + cfg.max_new_tokens, model.config.max_position_embeddings
+    if total > limit and model.config.rope_type == "default":
+        # Without rope scaling, positions past the trained range give garbage rather than an error.
         raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={cfg.max_new_tokens} does not fit the "
-                         f"model: {e}") from e
+                         f"model: {total} > max_position_embeddings={limit}")
+    cache = model.make_cache(batch * beams, total)
 
     seen = None
     if cfg.repetition_penalty != 1.0:

@@ -6,7 +6,6 @@ MLP's gate/up one fused `gate_up` projection, so each is a single matmul.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +77,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, kv_start, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, kv_start, cache: KVCache | None, layer: int, kv_len=None):
         B, S, _ = x.shape
         qkv = self.qkv(x).view(B, S, self.heads + 2 * self.kv_heads, self.head_dim)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
@@ -92,7 +91,7 @@ class Attention(nn.Module):
             k_cache, v_cache = cache.k[layer], cache.v[layer]
             q = ops.rotary_cache(q, k, v, cos, sin, k_cache, v_cache, cache.lengths)
             if S == 1:
-                out = ops.decode_attention(q[:, 0], k_cache, v_cache, cache.lengths + 1, kv_start=cache.start)
+                out = ops.decode_attention(q[:, 0], k_cache, v_cache, kv_len, kv_start=cache.start)
                 out = out[:, None]
             else:
                 filled = cache.uniform_length() + S
@@ -126,13 +125,14 @@ class Block(nn.Module):
         self.ln2 = None if self.parallel else LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, delta, cos, sin, kv_start, cache, layer):
-        """Returns (x, delta) with x + delta the layer's output."""
+    def forward(self, x, delta, cos, sin, kv_start, cache, layer, kv_len=None):
+        """Returns (x, delta) with x + delta the layer's output. kv_len: cache lengths after this call's write
+        (computed once per forward, not per layer)."""
         if delta is None:
             h = self.ln1(x)
         else:
             h, x = self.ln1(delta, residual=x)
-        attn = self.attn(h, cos, sin, kv_start, cache, layer)
+        attn = self.attn(h, cos, sin, kv_start, cache, layer, kv_len)
         if self.parallel:
             return x, attn + self.mlp(h)
         h, x = self.ln2(attn, residual=x)
@@ -172,9 +172,6 @@ class StableLM(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
-        if max_len > self.config.max_position_embeddings and self.config.rope_type == "default":
-            raise ValueError(f"cache max_len={max_len} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
         p = self.embed.weight
         return KVCache.for_model(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
 
@@ -213,6 +210,7 @@ class StableLM(nn.Module):
         elif positions.shape != (B, S):
             raise ValueError(f"positions shape {tuple(positions.shape)} != (batch, seq) = {(B, S)}")
         cos, sin = self.rotary(positions)
+        kv_len = cache.lengths + S if cache is not None else None
 
         delta = None
         for i, block in enumerate(self.layers):
@@ -220,7 +218,7 @@ class StableLM(nn.Module):
                 x, delta = torch.utils.checkpoint.checkpoint(block, x, delta, cos, sin, kv_start, None, i,
                                                              use_reentrant=False)
             else:
-                x, delta = block(x, delta, cos, sin, kv_start, cache, i)
+                x, delta = block(x, delta, cos, sin, kv_start, cache, i, kv_len)
         if cache is not None:
             cache.advance(S)
         if last_only:

@@ -19,7 +19,7 @@ def make_inputs(B, Hq, Hkv, T, D, dtype, kv_len, kv_start=None, layers=2):
     kv_len = torch.tensor(kv_len, dtype=torch.int32, device=DEVICE)
     if kv_start is not None:
         kv_start = torch.tensor(kv_start, dtype=torch.int32, device=DEVICE)
-    return q, k_all[1], v_all[1], kv_len, kv_start
+    return q, k_all[-1], v_all[-1], kv_len, kv_start
 
 
 # Interpreter runs fp32 and fp16: its tl.dot multiplies bfloat16 operands as raw integers, so bf16 is GPU-only.
