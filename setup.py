@@ -21,6 +21,7 @@ setup(
     ],
     extras_require={
         # Pinned to what the GPU machine runs, so CPU tests exercise the same Triton and transformers.
-        "test": ["pytest>=8", "transformers==5.17.0", "triton==3.6.0", "protobuf"],
+        # pycocoevalcap: the reference METEOR (Meteor 1.5 jar, run with Java) and the oracle for the metric tests.
+        "test": ["pytest>=8", "transformers==5.17.0", "triton==3.6.0", "protobuf", "pycocoevalcap"],
     },
 )

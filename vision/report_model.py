@@ -1,0 +1,176 @@
+"""Report-generation model (R2GenGPT design, StableLM as the language model): images -> Swin encoder ->
+projector (Linear + LayerNorm) -> visual tokens spliced into the prompt -> StableLM -> report.
+
+Input embeddings for training are `[bos, prompt_before, visual_tokens, prompt_after, report + end]`; labels are
+-100 everywhere but the report tokens (padding included, found from the attention mask because the pad id is
+the end id). Generation starts from `[bos, prompt_before, visual_tokens, prompt_after]` and goes through
+stablelm.generate with input embeddings, so it uses the same KV cache, kernels and beam search as text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablelm.generate import generate
+
+from .lora import apply_lora
+
+PROMPT_TEMPLATE = "Human: <Img><ImageHere></Img> {instruction} \nAssistant:"
+DEFAULT_INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
+ENCODER_MODES = ("frozen", "lora")
+LM_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class ReportConfig:
+    instruction: str = DEFAULT_INSTRUCTION
+    global_only: bool = False            # one pooled visual token instead of the patch tokens
+    encoder_mode: str = "frozen"
+    lm_mode: str = "frozen"
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    vis_lora_r: int = 16
+    vis_lora_alpha: float = 16.0
+    vis_lora_dropout: float = 0.1
+    max_length: int = 100                # report tokens (incl. the end token) during training
+    num_beams: int = 3
+    min_new_tokens: int = 80
+    max_new_tokens: int = 120
+    repetition_penalty: float = 1.2
+    length_penalty: float = 1.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode={self.encoder_mode!r}: choose one of {ENCODER_MODES}")
+        if self.lm_mode not in LM_MODES:
+            raise ValueError(f"lm_mode={self.lm_mode!r}: choose one of {LM_MODES}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length}: must be >= 2 (a report token and the end token)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ReportModel(nn.Module):
+    def __init__(self, encoder: nn.Module, lm: nn.Module, tokenizer, config: ReportConfig | None = None):
+        super().__init__()
+        self.config = config or ReportConfig()
+        self.encoder, self.lm, self.tokenizer = encoder, lm, tokenizer
+        hidden = lm.config.hidden_size
+        self.proj = nn.Linear(encoder.num_features, hidden)
+        self.proj_norm = nn.LayerNorm(hidden)
+        before, after = PROMPT_TEMPLATE.format(instruction=self.config.instruction).split("<ImageHere>")
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        self.register_buffer("before_ids", torch.tensor(bos + tokenizer.encode(before, add_special_tokens=False)),
+                             persistent=False)
+        self.register_buffer("after_ids", torch.tensor(tokenizer.encode(after, add_special_tokens=False)),
+                             persistent=False)
+        self.end_id = tokenizer.eos_id
+        self._set_trainable()
+
+    # ------------------------------------------------------------------ training modes
+    def _set_trainable(self):
+        c = self.config
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if c.encoder_mode == "lora":
+            apply_lora(self.encoder, self.encoder.lora_targets(), c.vis_lora_r, c.vis_lora_alpha, c.vis_lora_dropout)
+        if c.lm_mode == "lora":
+            apply_lora(self.lm, {"attn.qkv": None, "attn.o": None, "mlp.gate_up": None, "mlp.down": None},
+                       c.lora_r, c.lora_alpha, c.lora_dropout)
+        elif c.lm_mode == "full":
+            for p in self.lm.parameters():
+                p.requires_grad_(True)
+        for p in list(self.proj.parameters()) + list(self.proj_norm.parameters()):
+            p.requires_grad_(True)
+        self.lm.gradient_checkpointing = c.gradient_checkpointing
+        if hasattr(self.encoder, "gradient_checkpointing"):
+            self.encoder.gradient_checkpointing = c.gradient_checkpointing
+
+    def trainable_state_dict(self) -> dict:
+        """Only the tensors that train (projector, LayerNorm, adapters or the fine-tuned LM)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {n: t for n, t in self.state_dict().items() if n in names}
+
+    # ------------------------------------------------------------------ embeddings
+    def encode_images(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, n_img, 3, H, W] (+ image_mask [B, n_img]) -> visual tokens [B, T, hidden]. Each image is
+        encoded on its own; a study's token sequences are averaged over its real images."""
+        if images.dim() != 5:
+            raise ValueError(f"images must be [batch, n_images, 3, H, W], got {tuple(images.shape)}")
+        B, n = images.shape[:2]
+        if image_mask is None:
+            image_mask = torch.ones(B, n, dtype=torch.bool, device=images.device)
+        if image_mask.shape != (B, n):
+            raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != {(B, n)}")
+        image_mask = image_mask.bool()
+        if not bool(image_mask.any(1).all()):
+            raise ValueError("every study needs at least one image")
+        tokens, pooled = self.encoder(images[image_mask])
+        feats = pooled[:, None] if self.config.global_only else tokens
+        per_study = feats.new_zeros(B, n, *feats.shape[1:])
+        per_study[image_mask] = feats
+        w = image_mask.to(feats.dtype)[:, :, None, None]
+        mean = (per_study * w).sum(1) / w.sum(1)
+        return self.proj_norm(self.proj(mean))
+
+    def prompt_embeds(self, visual: torch.Tensor) -> torch.Tensor:
+        B = visual.shape[0]
+        embed = self.lm.embed
+        before = embed(self.before_ids)[None].expand(B, -1, -1)
+        after = embed(self.after_ids)[None].expand(B, -1, -1)
+        return torch.cat([before, visual.to(before.dtype), after], dim=1)
+
+    def tokenize_reports(self, reports: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report ids + end id, right padded / truncated to max_length, and their mask."""
+        L = self.config.max_length
+        ids = torch.full((len(reports), L), self.end_id, dtype=torch.long)
+        mask = torch.zeros(len(reports), L, dtype=torch.long)
+        for i, text in enumerate(reports):
+            t = (self.tokenizer.encode(text, add_special_tokens=False) + [self.end_id])[:L]
+            ids[i, :len(t)] = torch.tensor(t)
+            mask[i, :len(t)] = 1
+        return ids.to(device), mask.to(device)
+
+    # ------------------------------------------------------------------ training / generation
+    def training_inputs(self, images, reports: list[str], image_mask=None):
+        """(input embeds, labels, attention mask) of `[bos, prompt_before, visual, prompt_after, report + end]`,
+        reports right padded; labels are -100 on everything but the report and its end token."""
+        if len(reports) != images.shape[0]:
+            raise ValueError(f"{len(reports)} reports for {images.shape[0]} studies")
+        prompt = self.prompt_embeds(self.encode_images(images, image_mask))
+        ids, mask = self.tokenize_reports(reports, images.device)
+        embeds = torch.cat([prompt, self.lm.embed(ids)], dim=1)
+        labels = torch.cat([torch.full(prompt.shape[:2], -100, dtype=torch.long, device=ids.device),
+                            ids.masked_fill(mask == 0, -100)], dim=1)
+        attention_mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long, device=ids.device), mask], 1)
+        return embeds, labels, attention_mask
+
+    def forward(self, images, reports: list[str], image_mask=None) -> torch.Tensor:
+        """Mean cross-entropy over the report tokens (next-token prediction)."""
+        embeds, labels, attention_mask = self.training_inputs(images, reports, image_mask)
+        logits = self.lm(input_embeds=embeds, attention_mask=attention_mask)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, images, image_mask=None, **overrides) -> list[str]:
+        """Reports for a batch of studies (beam search by default; overrides go to stablelm.generate)."""
+        c = self.config
+        kw = dict(num_beams=c.num_beams, min_new_tokens=c.min_new_tokens, max_new_tokens=c.max_new_tokens,
+                  repetition_penalty=c.repetition_penalty, length_penalty=c.length_penalty,
+                  stop_ids=[self.end_id], pad_id=self.end_id)
+        kw.update(overrides)
+        embeds = self.prompt_embeds(self.encode_images(images, image_mask)).to(self.lm.embed.weight.dtype)
+        out = generate(self.lm, input_embeds=embeds, **kw)
+        texts = []
+        for row in out.tolist():
+            if self.end_id in row:
+                row = row[:row.index(self.end_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
