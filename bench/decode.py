@@ -99,7 +99,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--quant", choices=["int8", "int4"])
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (tiny: 32)")
-    ap.add_argument("--hf-rows", default="1x128,1x2048,8x512,32x512,64x512",
+    ap.add_argument("--hf-rows", default="1x128,1x512,1x2048,1x4096,8x512,32x512,64x512",
                     help="batch x context rows where transformers also runs ('all' or 'none')")
     ap.add_argument("--no-graph", action="store_true", help="time only the eager decode step")
     ap.add_argument("--out")
