@@ -17,6 +17,7 @@ import torch
 from bench.common import environment, markdown_table, matmul_tflops, time_cuda, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
+from stablelm.graph import capture
 
 
 def prefill_flops(cfg, batch, seq) -> float:
@@ -34,18 +35,8 @@ def graphed_prefill(model, cache, ids):
         cache.lengths.zero_()
         model(ids, cache=cache, last_only=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            cache.reset()
-            run()
-    torch.cuda.current_stream().wait_stream(side)
     cache.reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    cache.reset()
+    graph, _ = capture(run, cache.reset)
     return graph.replay
 
 

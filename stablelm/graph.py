@@ -11,6 +11,27 @@ import torch
 from .cache import KVCache
 
 
+def capture(run, reset):
+    """Capture `run()` in a CUDA graph and return (graph, run's output held by the graph).
+
+    Two warm-up runs on a side stream come first (they also trigger Triton compilation and autotuning, which
+    cannot happen during capture); `reset()` undoes each run's side effects on state such as a KV cache.
+    Capture records kernels without running them, but host-side bookkeeping did run, so `reset()` follows it
+    too."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+            reset()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    reset()
+    return graph, out
+
+
 class GraphDecodeStep:
     """Drop-in for an eager decode step: `step(tokens [B, 1]) -> logits [B, vocab]`, appending to `cache`.
 
@@ -40,18 +61,7 @@ class GraphDecodeStep:
             cache.lengths.copy_(lengths)
             cache.host_lengths = list(host)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-                restore()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._run()
-        restore()  # capture records kernels without running them, but the host mirror did advance
-        self.graph = graph
+        self.graph, self.logits = capture(self._run, restore)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
