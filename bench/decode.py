@@ -1,7 +1,7 @@
 """Decode benchmark: tokens/s, ms/token, peak VRAM and bandwidth utilisation, against transformers.
 
     python -m bench.decode [--batch-sizes 1,8,32,64] [--contexts 128,512,1024,2048,4096] [--quant int8|int4]
-                           [--out bench/results/decode_h100.json]
+                           [--out bench/results/decode_h200.json]
     python -m bench.decode --tiny        # small random model on the CPU
 
 StableLM-3B shape with random bf16 weights. Each row: prefill `context` tokens into a static KV cache, then

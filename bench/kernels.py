@@ -1,6 +1,6 @@
 """Kernel benchmark: our Triton kernels against PyTorch at StableLM-3B shapes (CUDA only, ~4 minutes on an H100).
 
-    python -m bench.kernels [--quick] [--out bench/results/kernels_h100.json]
+    python -m bench.kernels [--quick] [--out bench/results/kernels_h200.json]
 
 Sections (each printed as a markdown table and stored in the JSON with the GPU, versions and date):
   prefill   causal attention forward and backward TFLOP/s, 32 heads, head_dim 80 (plus 64/128 at one size): triton
@@ -31,7 +31,7 @@ HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, ROTARY_DIM = 32, 80, 2560, 6912, 20  # St
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 TARGETS = dict(prefill_fwd_vs_flash=1.3, decode_frac_copy=0.8, rotary_frac_copy=0.8)
-# Reference points measured earlier on this H100, printed for context.
+# The issue's reference points (measured on an H100), printed for context.
 REFERENCE = "reference H100 measurements: SDPA flash causal fwd head_dim 80 = 324 TFLOP/s, copy = 3.0 TB/s"
 
 

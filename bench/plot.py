@@ -1,6 +1,6 @@
 """Plot committed decode results: tokens/s against batch size and against context, ours vs transformers.
 
-    python -m bench.plot bench/results/decode_h100.json bench/results/decode_h100.png   (needs matplotlib)
+    python -m bench.plot bench/results/decode_h200.json bench/results/decode_h200.png   (needs matplotlib)
 """
 from __future__ import annotations
 

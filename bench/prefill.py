@@ -1,6 +1,6 @@
 """Prefill benchmark: tokens/s and MFU of the prompt pass, against transformers (eager and sdpa).
 
-    python -m bench.prefill [--seqs 512,1024,2048,4096] [--batch 1] [--out bench/results/prefill_h100.json]
+    python -m bench.prefill [--seqs 512,1024,2048,4096] [--batch 1] [--out bench/results/prefill_h200.json]
     python -m bench.prefill --tiny       # small random model on the CPU
 
 The prompt is written into a static KV cache and only the last position's logits are computed, as `generate`

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: GPU kernels per step grouped by kind, with launch counts and GPU time.
 
-    python -m bench.profile_decode [--batch 1] [--context 128] [--out bench/results/profile_decode_h100.json]
+    python -m bench.profile_decode [--batch 1] [--context 128] [--out bench/results/profile_decode_h200.json]
 
 Profiles eager decode steps (the same kernels the CUDA graph replays) with torch.profiler and sums device time
 per kernel name. The kernel count per step is what the fusions (LayerNorm + residual, rotary + cache write,

@@ -1,6 +1,6 @@
 """Training-step benchmark of the report model: ours against transformers + peft, same shapes, same weights.
 
-    python -m bench.report_train [--batch-size 8] [--steps 10] [--out bench/results/report_train_h100.json]
+    python -m bench.report_train [--batch-size 8] [--steps 10] [--out bench/results/report_train_h200.json]
     python -m bench.report_train --tiny        # tiny LM + tiny Swin on the CPU in fp32 (smoke run)
 
 Ours: vision.train.build_model with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder

@@ -118,7 +118,8 @@ class ReportModel(nn.Module):
         per_study[image_mask] = feats
         w = image_mask.to(feats.dtype)[:, :, None, None]
         mean = (per_study * w).sum(1) / w.sum(1)
-        return self.proj_norm(self.proj(mean))
+        # The encoder may run in another dtype (frozen fp32 Swin under a bf16 projector).
+        return self.proj_norm(self.proj(mean.to(self.proj.weight.dtype)))
 
     def prompt_embeds(self, visual: torch.Tensor) -> torch.Tensor:
         B = visual.shape[0]
