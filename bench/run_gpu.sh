@@ -13,7 +13,9 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 for s in $steps; do
   echo "=== $s ($(date +%T))"
   case $s in
-    tests)   python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu_tests.log" | tail -60 ;;
+    tests)   # Triton compilation dominates the GPU tests: spread them over processes when pytest-xdist is there.
+             par=$(python -c "import xdist" 2>/dev/null && echo "-n 6")
+             python -m pytest -q -m gpu tests -p no:cacheprovider -rf $par 2>&1 | tee "$OUT/gpu_tests.log" | tail -60 ;;
     kernels) python -m bench.kernels --out "$OUT/kernels_${TAG}.json" ;;
     decode)  python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
     prefill) python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
