@@ -75,6 +75,18 @@ def cases(dev, dt):
     return table
 
 
+def measure(table, verbose=False) -> list[dict]:
+    """One row per (op, implementation) of a cases() table."""
+    rows = []
+    for name, impls in table.items():
+        for impl, fn in impls.items():
+            h, wall = host_us(fn)
+            rows.append(dict(op=name, impl=impl, host_us=h, wall_us=wall))
+            if verbose:
+                print(markdown_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
@@ -83,12 +95,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         ap.error("needs a GPU: host launch cost is a CUDA property")
     table = cases("cuda", torch.bfloat16)
-    rows = []
-    for name, impls in table.items():
-        for impl, fn in impls.items():
-            h, wall = host_us(fn)
-            rows.append(dict(op=name, impl=impl, host_us=h, wall_us=wall))
-            print(markdown_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
+    rows = measure(table, verbose=True)
     print()
     print(markdown_table(rows, ["op", "impl", "host_us", "wall_us"]))
     if args.profile:
