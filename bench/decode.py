@@ -8,7 +8,7 @@ StableLM-3B shape with random bf16 weights. Each row: prefill `context` tokens i
 time `--steps` greedy decode steps (argmax fed back on the device). Bandwidth utilisation = bytes a step must
 move (every weight once, the KV cache read up to the context, the new K/V written) / step time / measured
 copy bandwidth. Peak VRAM is reported over the whole row (prefill included) and for the decode phase alone,
-each as overhead over weights + KV cache. transformers' StableLmForCausalLM (eager and sdpa attention, same weights) runs the same loop
+each as overhead over weights + KV cache. The prefill is `StableLM.prefill`, as in `generate`. transformers' StableLmForCausalLM (eager and sdpa attention, same weights) runs the same loop
 with its own cache in the same process.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def ours_decode(model, batch, context, steps, graph: bool):
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
     peaks = {}
     with torch.no_grad():
-        logits = model(ids, cache=cache, last_only=True)[:, -1]
+        logits = model.prefill(cache, ids)
         if device.type == "cuda":
             # Peaks of the two phases apart: the prompt's activations vs. the steady decode step.
             peaks["prefill"] = torch.cuda.max_memory_allocated()

@@ -33,7 +33,7 @@ def graphed_prefill(model, cache, ids):
     """A replay function for the prefill of `ids` into `cache` captured in a CUDA graph."""
     def run():
         cache.lengths.zero_()
-        model(ids, cache=cache, last_only=True)
+        model.prefill(cache, ids)
 
     cache.reset()
     graph, _ = capture(run, cache.reset)
@@ -77,7 +77,7 @@ def main(argv=None):
 
             def run():
                 cache.reset()
-                model(ids, cache=cache, last_only=True)
+                model.prefill(cache, ids)
             ours[seq] = record("stablelm", seq, time_cuda(run, warmup=2, iters=5))
             if cuda:
                 record("stablelm-graph", seq, time_cuda(graphed_prefill(model, cache, ids), warmup=2, iters=5))

@@ -1,6 +1,7 @@
 """Where a decode step's time goes: GPU kernels per step grouped by kind, with launch counts and GPU time.
 
-    python -m bench.profile_decode [--batch 1] [--context 128] [--quant int8|int4] [--out bench/results/profile_decode_h200.json]
+    python -m bench.profile_decode [--batch 1] [--context 128] [--quant int8|int4]
+                                   [--out bench/results/profile_decode_h200.json]
 
 Profiles eager decode steps (the same kernels the CUDA graph replays) with torch.profiler and sums device time
 per kernel name. The kernel count per step is what the fusions (LayerNorm + residual, rotary + cache write,
@@ -37,7 +38,7 @@ def main(argv=None):
     cache = model.make_cache(args.batch, args.context + 2 * args.steps + 2)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context), device="cuda")
     with torch.no_grad():
-        tok = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        tok = model.prefill(cache, ids).argmax(-1, keepdim=True)
         for _ in range(2):
             tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()

@@ -1,10 +1,11 @@
 """Text generation over the static KV cache: greedy, sampling, repetition penalty, stop ids, streaming, beam search.
 
-One prefill writes the (left-padded) prompt into a preallocated `KVCache`, then every new token is one call of a
-decode step `step(tokens [B, 1]) -> logits [B, vocab]`. The step is built by `step_factory(model, cache)`:
-`DecodeStep` runs the model eagerly; a CUDA-graph step with the same constructor and call signature (e.g.
-`stablelm.graph.GraphDecodeStep`) replaces it without touching this file. The loop never keeps a step's logits
-past the next call and reorders the cache in place, so a step may return a static buffer.
+One prefill (`StableLM.prefill`, in pieces of `prefill_chunk` tokens) writes the (left-padded) prompt into a
+preallocated `KVCache`, then every new token is one call of a decode step `step(tokens [B, 1]) -> logits [B, vocab]`.
+The step is built by `step_factory(model, cache)`: `DecodeStep` runs the model eagerly; a CUDA-graph step with the
+same constructor and call signature (e.g. `stablelm.graph.GraphDecodeStep`) replaces it without touching this file.
+The loop never keeps a step's logits past the next call and reorders the cache in place, so a step may return a
+static buffer.
 
 Selection follows transformers' logits processors, in their order: repetition penalty -> min_new_tokens
 (stop ids blocked) -> temperature -> top-k -> top-p (the last three only when sampling). Beam search reproduces
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import KVCache
+from .model import DEFAULT_PREFILL_CHUNK
 
 # transformers' stand-in for "impossible" in beam scores; the same constant keeps ties and sums identical.
 _IMPOSSIBLE = -1.0e9
@@ -51,6 +53,7 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] | None = None
     pad_id: int | None = None
     seed: int | None = None
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill forward (None: all at once)
 
     def __post_init__(self):
         if self.stop_ids is not None:
@@ -91,6 +94,8 @@ class GenerationConfig:
             bad("pad_id", "must be a non-negative integer token id")
         if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be an integer or None")
+        if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 1):
+            bad("prefill_chunk", "must be an integer >= 1 or None")
         if not self.do_sample:
             for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
                 if getattr(self, name) != off:
@@ -238,7 +243,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
     prompt = dict(input_ids=None if input_ids is None else expand(input_ids),
                   input_embeds=None if input_embeds is None else expand(input_embeds),
                   attention_mask=None if mask is None else expand(mask))
-    logits = model(**prompt, cache=cache, last_only=True)[:, -1]
+    logits = model.prefill(cache, **prompt, chunk=cfg.prefill_chunk)
     step = step_factory(model, cache)
     bar = tqdm(total=cfg.max_new_tokens, desc="generate", unit="tok", file=sys.stderr, disable=not progress,
                leave=False)

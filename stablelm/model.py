@@ -15,6 +15,10 @@ from . import ops
 from .cache import KVCache
 from .config import StableLMConfig
 
+# Prompt tokens per prefill forward: bounds a long prompt's activation memory by the chunk, while each piece is
+# still big enough to run the matmuls at full speed (bench/prefill.py measures it).
+DEFAULT_PREFILL_CHUNK = 2048
+
 
 class LayerNorm(nn.Module):
     """LayerNorm whose weight/bias may be per head ([H, N]); the arithmetic is ops.layer_norm."""
@@ -225,6 +229,40 @@ class StableLM(nn.Module):
             x, delta = x[:, -1:], delta[:, -1:]
         x, _ = self.norm(delta, residual=x)
         return F.linear(x, self.output_weight)
+
+    def prefill(self, cache: KVCache, input_ids: torch.Tensor | None = None, *,
+                input_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                chunk: int | None = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+        """Write a prompt into an empty cache; returns the last position's logits [B, vocab].
+
+        The prompt goes through in pieces of `chunk` tokens (None: in one piece), so activation memory is
+        bounded by the chunk, not the prompt; logits agree with a one-piece prefill up to float rounding. The
+        mask is read on the first call into a cache only, so the first piece is stretched past the longest
+        left padding: every row then has a real token in it and its start is known before the next piece.
+        """
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"prefill chunk must be a positive integer or None, got {chunk!r}")
+        if max(cache.host_lengths) > 0:
+            raise ValueError("prefill needs an empty cache (call cache.reset() first)")
+        prompt = input_ids if input_ids is not None else input_embeds
+        if prompt is None or input_ids is not None and input_embeds is not None:
+            raise ValueError("pass exactly one of input_ids or input_embeds")
+        if prompt.dim() < 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prefill needs a [batch, seq >= 1, ...] prompt, got shape {tuple(prompt.shape)}")
+        S = prompt.shape[1]
+        end = S if chunk is None else min(S, chunk)
+        if attention_mask is not None and end < S:
+            padding = attention_mask.shape[-1] - attention_mask.to(torch.int32).sum(-1)
+            end = min(S, max(end, int(padding.max()) + 1))
+        begin, logits = 0, None
+        while True:
+            piece = dict(input_ids=None if input_ids is None else input_ids[:, begin:end],
+                         input_embeds=None if input_embeds is None else input_embeds[:, begin:end])
+            mask = attention_mask[:, :end] if begin == 0 and attention_mask is not None else None
+            logits = self(**piece, attention_mask=mask, cache=cache, last_only=True)
+            if end >= S:
+                return logits[:, -1]
+            begin, end = end, min(S, end + chunk)
 
     def _embed(self, input_ids, input_embeds):
         if (input_ids is None) == (input_embeds is None):

@@ -61,6 +61,18 @@ def test_greedy_matches_transformers(pair, batch):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_chunked_prefill_generates_the_same_tokens(pair, num_beams):
+    """Prompts written into the cache 3 tokens at a time (row 0 padded past the first piece) give the
+    tokens transformers gives for the whole prompt."""
+    hf, model = pair
+    ids, mask = prompts(2, length=12, pad=(5, 0))
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=16, stop_ids=[], num_beams=num_beams,
+                    prefill_chunk=3)
+    ref = hf_new(hf, ids, mask, max_new_tokens=16, eos_token_id=None, num_beams=num_beams)
+    assert torch.equal(ours, ref)
+
+
 def test_stop_ids_end_rows_and_pad_the_rest(pair):
     hf, model = pair
     ids, mask = prompts()
@@ -312,6 +324,8 @@ def test_prompt_too_long_is_a_clear_error(pair):
     (dict(stop_ids=[-1]), "stop_ids"),
     (dict(pad_id=-2), "pad_id"),
     (dict(seed=1.5), "seed"),
+    (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(prefill_chunk=2.0), "prefill_chunk"),
 ])
 def test_bad_config_values(kw, match):
     with pytest.raises(ValueError, match=match):

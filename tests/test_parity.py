@@ -91,6 +91,48 @@ def test_kv_cache_decode_matches_full_recompute(variant, tmp_path):
     assert cache.host_lengths == [30, 30]
 
 
+@pytest.mark.parametrize("variant", ["default", "all_options"])
+@pytest.mark.parametrize("chunk", [1, 4, 7, None])
+def test_chunked_prefill_matches_transformers(variant, chunk, tmp_path):
+    """StableLM.prefill in pieces of `chunk` tokens, left-padded rows (one padded past the first piece), then a
+    decode step: the last prompt position's and the next token's logits match transformers on the whole prompt."""
+    hf = hf_model(**VARIANTS[variant])
+    model = convert(hf, tmp_path)
+    ids = torch.randint(3, hf.config.vocab_size, (3, 19))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :12] = 0
+    ids[mask == 0] = 0
+    nxt = torch.randint(3, hf.config.vocab_size, (3, 1))
+    full_ids, full_mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model.make_cache(batch_size=3, max_len=20)
+    with torch.no_grad():
+        ref = hf(full_ids, attention_mask=full_mask, position_ids=positions).logits
+        last = model.prefill(cache, ids, attention_mask=mask, chunk=chunk)
+        assert cache.host_lengths == [19, 19, 19]
+        step = model(nxt, cache=cache)[:, -1]
+    assert (last - ref[:, -2]).abs().max().item() < 1e-4
+    assert (step - ref[:, -1]).abs().max().item() < 1e-4
+
+
+def test_prefill_bad_inputs(tmp_path):
+    model = convert(hf_model(), tmp_path)
+    cache = model.make_cache(1, 8)
+    ids = torch.randint(0, 96, (1, 4))
+    for chunk in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="chunk"):
+            model.prefill(cache, ids, chunk=chunk)
+    with pytest.raises(ValueError, match="seq >= 1"):
+        model.prefill(cache, ids[:, :0])
+    with pytest.raises(ValueError, match="exactly one"):
+        model.prefill(cache)
+    with torch.no_grad():
+        model.prefill(cache, ids, chunk=3)
+        with pytest.raises(ValueError, match="empty cache"):
+            model.prefill(cache, ids)
+
+
 def test_dynamic_rope_decode_matches_transformers_cache(tmp_path):
     """Dynamic NTK grows the base with the furthest position of each call, so cached keys keep the rotation of
     their own step: compare step by step with transformers' own cached decoding, past max_position_embeddings."""
