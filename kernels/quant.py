@@ -21,6 +21,10 @@ A module moved with .to(dtype) converts them too; every function here accepts an
 Op (stablelm.ops.quant_linear): x [..., K] (float32 / float16 / bfloat16) -> [..., N] in x's dtype, plus bias
 [N] if given. Inference only: an x that requires grad is refused (no backward is implemented).
 
+Accuracy (tests/test_quant.py): a quantized linear layer's output is within 1.2e-2 (int8) / 1.3e-1 (int4) relative
+L2 error of the float layer on gaussian weights; a whole quantized model's logits within 2e-2 (int8, top-1 token
+agreeing on >= 90% of positions) / 2e-1 (int4, group 32) of the float model's.
+
 Triton kernel: one program computes a BLOCK_M x BLOCK_N output tile over a range of K tiles (split-K), loading
 each weight tile once and dequantizing it in registers. The dequantization is factored out of the inner
 product so the tile product is exact in bf16/fp16 (codes are small integers):
