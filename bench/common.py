@@ -34,6 +34,14 @@ def environment() -> dict:
     return env
 
 
+def bench_device(ap, tiny: bool):
+    """(cuda, device, dtype) of a benchmark run: bf16 on the GPU, or a float32 --tiny smoke run on the CPU."""
+    cuda = torch.cuda.is_available() and not tiny
+    if not cuda and not tiny:
+        ap.error("the full benchmark needs a GPU; use --tiny on the CPU")
+    return (True, "cuda", torch.bfloat16) if cuda else (False, "cpu", torch.float32)
+
+
 def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
     """Median milliseconds per call of fn() measured with CUDA events (CPU: perf_counter)."""
     for _ in range(warmup):

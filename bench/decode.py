@@ -18,7 +18,7 @@ import gc
 
 import torch
 
-from bench.common import copy_bandwidth_gbs, environment, markdown_table, time_cuda, write_json
+from bench.common import bench_device, copy_bandwidth_gbs, environment, markdown_table, time_cuda, write_json
 from stablelm import StableLM, preset
 from stablelm.graph import GraphDecodeStep
 
@@ -118,13 +118,10 @@ def main(argv=None):
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    cuda, device, dtype = bench_device(ap, args.tiny)
     if args.tiny:
         cfg, batches, contexts, steps = preset("tiny"), [1, 2], [16, 64], 4
     else:
-        if not cuda:
-            ap.error("the full benchmark needs a GPU; use --tiny on the CPU")
         cfg, steps = preset(args.preset), args.steps
         batches = [int(x) for x in args.batch_sizes.split(",")]
         contexts = [int(x) for x in args.contexts.split(",")]

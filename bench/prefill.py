@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from bench.common import environment, markdown_table, matmul_tflops, time_cuda, write_json
+from bench.common import bench_device, environment, markdown_table, matmul_tflops, time_cuda, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
 from stablelm.graph import capture
@@ -49,10 +49,7 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.tiny
-    if not cuda and not args.tiny:
-        ap.error("the full benchmark needs a GPU; use --tiny on the CPU")
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    cuda, device, dtype = bench_device(ap, args.tiny)
     cfg = preset("tiny") if args.tiny else preset(args.preset)
     seqs = [16, 64] if args.tiny else [int(s) for s in args.seqs.split(",")]
     peak = matmul_tflops() if cuda else None

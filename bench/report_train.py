@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import environment, markdown_table, time_cuda, write_json
+from bench.common import bench_device, environment, markdown_table, time_cuda, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
 from stablelm.tokenizer import Tokenizer
@@ -211,10 +211,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    if not cuda and not args.tiny:
-        ap.error("the full benchmark needs a GPU; use --tiny on the CPU")
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    cuda, device, dtype = bench_device(ap, args.tiny)
     lm_preset, encoder_preset = ("tiny", "tiny") if args.tiny else ("stablelm-3b-4e1t", "swin-base")
     batch = args.batch_size or (2 if args.tiny else 8)
     steps = args.steps or (2 if args.tiny else 10)

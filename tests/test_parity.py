@@ -54,15 +54,20 @@ def test_sharded_and_bin_checkpoints(save_kwargs, tmp_path):
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
+def left_padded(vocab, length, pads):
+    """Random ids [len(pads), length], row i left padded by pads[i] (pad id 0), and their mask."""
+    ids = torch.randint(3, vocab, (len(pads), length))
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads):
+        mask[row, :n] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 @pytest.mark.parametrize("variant", ["default", "gqa", "all_options"])
 def test_left_padded_batch(variant, tmp_path):
     hf = hf_model(**VARIANTS[variant])
     model = convert(hf, tmp_path)
-    ids = torch.randint(3, hf.config.vocab_size, (3, 20))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    mask[2, :11] = 0
-    ids[mask == 0] = 0
+    ids, mask = left_padded(hf.config.vocab_size, 20, pads=(5, 0, 11))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=positions).logits
@@ -98,11 +103,7 @@ def test_chunked_prefill_matches_transformers(variant, chunk, tmp_path):
     decode step: the last prompt position's and the next token's logits match transformers on the whole prompt."""
     hf = hf_model(**VARIANTS[variant])
     model = convert(hf, tmp_path)
-    ids = torch.randint(3, hf.config.vocab_size, (3, 19))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    mask[2, :12] = 0
-    ids[mask == 0] = 0
+    ids, mask = left_padded(hf.config.vocab_size, 19, pads=(5, 0, 12))
     nxt = torch.randint(3, hf.config.vocab_size, (3, 1))
     full_ids, full_mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
