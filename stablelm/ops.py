@@ -25,7 +25,7 @@ import importlib
 
 _KERNEL_MODULES = ["rotary", "attention", "decode", "norm", "mlp", "quant"]
 
-# Fastest correct implementation first, as measured in bench/results/ on an H100.
+# Preferred implementation first, from the measurements in bench/results/ (README, "Swapping kernels", says why).
 CUDA_PREFERENCE = {
     "rotary": ["triton", "torch"],
     "rotary_cache": ["triton", "torch"],
