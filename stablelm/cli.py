@@ -102,7 +102,8 @@ def cmd_generate(args, parser) -> int:
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                   repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                                  length_penalty=args.length_penalty, **_sampling_options(args, parser))
+                                  length_penalty=args.length_penalty, cuda_graph=not args.no_cuda_graph,
+                                  **_sampling_options(args, parser))
     except ValueError as e:
         parser.error(str(e))
     if args.chat and args.model is None:
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="sampling seed (same seed, same text)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA (default: graph)")
 
     # Listed for --help only: main() hands everything after "convert" to convert_weights.py unparsed.
     sub.add_parser("convert", help="convert a checkpoint (arguments as convert_weights.py; try convert --help)")

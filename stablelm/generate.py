@@ -2,10 +2,10 @@
 
 One prefill (`StableLM.prefill`, in pieces of `prefill_chunk` tokens) writes the (left-padded) prompt into a
 preallocated `KVCache`, then every new token is one call of a decode step `step(tokens [B, 1]) -> logits [B, vocab]`.
-The step is built by `step_factory(model, cache)`: `DecodeStep` runs the model eagerly; a CUDA-graph step with the
-same constructor and call signature (e.g. `stablelm.graph.GraphDecodeStep`) replaces it without touching this file.
-The loop never keeps a step's logits past the next call and reorders the cache in place, so a step may return a
-static buffer.
+The step is built by `step_factory(model, cache)`: by default `GraphDecodeStep` (the whole step replayed from a
+CUDA graph) on CUDA unless `cuda_graph=False`, else `DecodeStep` (eager); any class with that constructor and call
+signature can stand in. The loop never keeps a step's logits past the next call and reorders the cache in
+place, so a step may return a static buffer.
 
 Selection follows transformers' logits processors, in their order: repetition penalty -> min_new_tokens
 (stop ids blocked) -> temperature -> top-k -> top-p (the last three only when sampling). Beam search reproduces
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import KVCache
+from .graph import GraphDecodeStep
 from .model import DEFAULT_PREFILL_CHUNK
 
 # transformers' stand-in for "impossible" in beam scores; the same constant keeps ties and sums identical.
@@ -54,6 +55,7 @@ class GenerationConfig:
     pad_id: int | None = None
     seed: int | None = None
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill forward (None: all at once)
+    cuda_graph: bool = True  # on CUDA, replay each decode step from a captured CUDA graph
 
     def __post_init__(self):
         if self.stop_ids is not None:
@@ -96,6 +98,8 @@ class GenerationConfig:
             bad("seed", "must be an integer or None")
         if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 1):
             bad("prefill_chunk", "must be an integer >= 1 or None")
+        if not isinstance(self.cuda_graph, bool):
+            bad("cuda_graph", "must be a bool")
         if not self.do_sample:
             for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
                 if getattr(self, name) != off:
@@ -110,6 +114,11 @@ class GenerationConfig:
         if unknown:
             raise ValueError(f"unknown generation options {unknown}; valid options: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+
+def default_step_factory(device: torch.device, cfg: GenerationConfig):
+    """GraphDecodeStep on CUDA (unless cfg.cuda_graph is False), DecodeStep elsewhere."""
+    return GraphDecodeStep if torch.device(device).type == "cuda" and cfg.cuda_graph else DecodeStep
 
 
 class DecodeStep:
@@ -196,14 +205,15 @@ class _Processor:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
              input_embeds: torch.Tensor | None = None, config: GenerationConfig | None = None,
-             streamer: Callable[[torch.Tensor], None] | None = None, step_factory=DecodeStep,
+             streamer: Callable[[torch.Tensor], None] | None = None, step_factory=None,
              progress: bool = False, **overrides) -> torch.Tensor:
     """New tokens [B, new_len] for a batch of prompts; rows that stopped early are padded with pad_id.
 
     input_ids [B, S] (left padded, with attention_mask [B, S]) or input_embeds [B, S, hidden] (+ mask), on the
     model's device. `overrides` change fields of `config` (e.g. max_new_tokens=32). `streamer(tokens [B])` is
     called once per step with that step's tokens (pad_id for finished rows); beam search cannot stream.
-    `step_factory(model, cache)` builds the decode step (see DecodeStep). `progress` shows a tqdm bar on stderr.
+    `step_factory(model, cache)` builds the decode step (default: default_step_factory). `progress` shows a tqdm
+    bar on stderr.
     """
     cfg = (config or GenerationConfig()).replace(**overrides)
     vocab = model.config.vocab_size
@@ -244,7 +254,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
                   input_embeds=None if input_embeds is None else expand(input_embeds),
                   attention_mask=None if mask is None else expand(mask))
     logits = model.prefill(cache, **prompt, chunk=cfg.prefill_chunk)
-    step = step_factory(model, cache)
+    step = (step_factory or default_step_factory(device, cfg))(model, cache)
     bar = tqdm(total=cfg.max_new_tokens, desc="generate", unit="tok", file=sys.stderr, disable=not progress,
                leave=False)
     try:

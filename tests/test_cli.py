@@ -69,7 +69,8 @@ def test_checkpoint_with_trained_tokenizer_runs(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("flags,kw", [
     ([], dict()),
-    (["--num-beams", "3", "--length-penalty", "0.5"], dict(num_beams=3, length_penalty=0.5)),
+    (["--num-beams", "3", "--length-penalty", "0.5", "--no-cuda-graph"],
+     dict(num_beams=3, length_penalty=0.5, cuda_graph=False)),
     # A penalty below 1 (rewarding repeats) is one that changes this random model's greedy text.
     (["--repetition-penalty", "0.6", "--min-new-tokens", "3"], dict(repetition_penalty=0.6, min_new_tokens=3)),
     (["--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "5"],

@@ -7,7 +7,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import convert_weights
 import stablelm
 from hf_utils import hf_model
-from stablelm.generate import DecodeStep, GenerationConfig, generate, sampling_filters, top_k_filter, top_p_filter
+from stablelm.generate import (DecodeStep, GenerationConfig, default_step_factory, generate, sampling_filters,
+                               top_k_filter, top_p_filter)
+from stablelm.graph import GraphDecodeStep
 
 PAD = 1  # hf_utils' vocabulary: bos 1, eos 2; left padding and finished rows use 1 here
 
@@ -273,6 +275,14 @@ def test_filters_match_transformers_warpers():
 
 
 # ---------------------------------------------------------------- the decode-step seam
+def test_default_step_is_a_cuda_graph_on_cuda_only():
+    on = GenerationConfig()
+    off = GenerationConfig(cuda_graph=False)
+    assert default_step_factory(torch.device("cuda", 0), on) is GraphDecodeStep
+    assert default_step_factory("cuda", off) is DecodeStep
+    assert default_step_factory("cpu", on) is DecodeStep
+
+
 def test_step_factory_replaces_the_decode_step(pair):
     _, model = pair
     ids, mask = prompts()
@@ -287,14 +297,14 @@ def test_step_factory_replaces_the_decode_step(pair):
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_cuda_graph_step_matches_eager(num_beams):
-    from stablelm.graph import GraphDecodeStep
+    """generate's default on CUDA (the decode step replayed from a CUDA graph) gives the eager step's tokens."""
     model = stablelm.StableLM.random(stablelm.preset("tiny", num_key_value_heads=2), device="cuda")
     ids = torch.randint(1, 512, (3, 17), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     kw = dict(attention_mask=mask, max_new_tokens=40, num_beams=num_beams, stop_ids=[])
-    eager = generate(model, ids, **kw)
-    assert torch.equal(generate(model, ids, step_factory=GraphDecodeStep, **kw), eager)
+    eager = generate(model, ids, cuda_graph=False, **kw)
+    assert torch.equal(generate(model, ids, **kw), eager)
 
 
 # ---------------------------------------------------------------- errors
@@ -326,6 +336,7 @@ def test_prompt_too_long_is_a_clear_error(pair):
     (dict(seed=1.5), "seed"),
     (dict(prefill_chunk=0), "prefill_chunk"),
     (dict(prefill_chunk=2.0), "prefill_chunk"),
+    (dict(cuda_graph=1), "cuda_graph"),
 ])
 def test_bad_config_values(kw, match):
     with pytest.raises(ValueError, match=match):
