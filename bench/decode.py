@@ -8,8 +8,9 @@ StableLM-3B shape with random bf16 weights. Each row: prefill `context` tokens i
 time `--steps` greedy decode steps (argmax fed back on the device). Bandwidth utilisation = bytes a step must
 move (every weight once, the KV cache read up to the context, the new K/V written) / step time / measured
 copy bandwidth. Peak VRAM is reported over the whole row (prefill included) and for the decode phase alone,
-each as overhead over weights + KV cache. The prefill is `StableLM.prefill`, as in `generate`. transformers' StableLmForCausalLM (eager and sdpa attention, same weights) runs the same loop
-with its own cache in the same process.
+each as overhead over weights + KV cache. Prefill and decode steps are the ones `generate` uses
+(`StableLM.prefill`, `GraphDecodeStep` / `DecodeStep`). transformers' StableLmForCausalLM (eager and sdpa
+attention, same weights) runs the same loop with its own cache in the same process.
 """
 from __future__ import annotations
 
@@ -20,23 +21,24 @@ import torch
 
 from bench.common import bench_device, copy_bandwidth_gbs, environment, markdown_table, time_cuda, write_json
 from stablelm import StableLM, preset
+from stablelm.generate import DecodeStep
 from stablelm.graph import GraphDecodeStep
 
 KV_BUDGET_FRACTION = 0.5  # skip (batch, context) rows whose cache alone would take more of the GPU's memory
 
 
-def weight_bytes(model) -> int:
-    """Bytes of every weight a decode step reads: all but the embedding table, of which one row per token is
-    read (unless it doubles as the tied lm_head)."""
-    total = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
-    if model.lm_head is not None:
-        total -= model.embed.weight.numel() * model.embed.weight.element_size()
-    return total - sum(b.numel() * b.element_size() for b in model.rotary.buffers())
-
-
 def resident_bytes(model) -> int:
     """Bytes of every tensor the model keeps on the device (the whole embedding table included)."""
     return sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every weight a decode step reads: all but the embedding table, of which one row per token is
+    read (unless it doubles as the tied lm_head), and the rotary tables."""
+    total = resident_bytes(model)
+    if model.lm_head is not None:
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total - sum(b.numel() * b.element_size() for b in model.rotary.buffers())
 
 
 def step_bytes(model, cfg, batch, context, elt) -> int:
@@ -56,8 +58,7 @@ def ours_decode(model, batch, context, steps, graph: bool):
             # Peaks of the two phases apart: the prompt's activations vs. the steady decode step.
             peaks["prefill"] = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        step = GraphDecodeStep(model, cache) if graph else (
-            lambda t: model(t, cache=cache, last_only=True)[:, -1])
+        step = (GraphDecodeStep if graph else DecodeStep)(model, cache)
         token = logits.argmax(-1, keepdim=True)
         step(token)  # capture / warm up outside the timed region
 

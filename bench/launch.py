@@ -66,8 +66,8 @@ def cases(dev, dt):
     }
     ops_of = {"rotary_cache": "rotary_cache", "decode_attention": "decode_attention",
               "attention (16 tokens)": "attention", "layer_norm + residual": "layer_norm", "swiglu": "swiglu"}
-    table = {name: {impl: (lambda c=call, fn=ops._registry[ops_of[name]][impl]: c(fn))
-                    for impl in ("torch", "triton", "sdpa") if impl in ops._registry[ops_of[name]]}
+    table = {name: {impl: (lambda c=call, fn=ops.implementation(ops_of[name], impl): c(fn))
+                    for impl in ("torch", "triton", "sdpa") if impl in ops.available(ops_of[name])}
              for name, call in calls.items()}
     table["matmul 1x2560x2560 (cuBLAS)"] = {"torch": lambda: x @ lin}
     table["empty kernel, 1 pointer"] = {"triton": lambda: _empty1[(1,)](x)}

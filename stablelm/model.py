@@ -254,7 +254,7 @@ class StableLM(nn.Module):
         if attention_mask is not None and end < S:
             padding = attention_mask.shape[-1] - attention_mask.to(torch.int32).sum(-1)
             end = min(S, max(end, int(padding.max()) + 1))
-        begin, logits = 0, None
+        begin = 0
         while True:
             piece = dict(input_ids=None if input_ids is None else input_ids[:, begin:end],
                          input_embeds=None if input_embeds is None else input_embeds[:, begin:end])

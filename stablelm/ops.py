@@ -84,6 +84,13 @@ def current(op: str, device_type: str) -> str:
     return "torch"
 
 
+def implementation(op: str, name: str):
+    """Implementation `name` of `op`, to call directly (bypassing the current choice)."""
+    if name not in _registry.get(op, {}):
+        raise KeyError(f"op {op!r} has no implementation {name!r}; available: {available(op)}")
+    return _registry[op][name]
+
+
 def get(op: str, device_type: str):
     """The function `op` dispatches to for tensors on `device_type`."""
     return _registry[op][current(op, device_type)]

@@ -97,6 +97,10 @@ def test_registered_in_ops():
     with ops.using(swiglu="triton"):
         out = ops.swiglu(gate, up)
     torch.testing.assert_close(out, swiglu_ref(gate, up), **TOL[torch.float32])
+    torch.testing.assert_close(ops.implementation("swiglu", "triton")(gate, up), out, rtol=0, atol=0)
+    assert ops.implementation("swiglu", "torch") is swiglu_ref
+    with pytest.raises(KeyError, match="no implementation 'nope'"):
+        ops.implementation("swiglu", "nope")
 
 
 @pytest.mark.parametrize("gate,up,error,match", [

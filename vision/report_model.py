@@ -118,7 +118,7 @@ class ReportModel(nn.Module):
         per_study[image_mask] = feats
         w = image_mask.to(feats.dtype)[:, :, None, None]
         mean = (per_study * w).sum(1) / w.sum(1)
-        # The encoder may run in another dtype (frozen fp32 Swin under a bf16 projector).
+        # The frozen encoder may run in bf16 while the trainable projector keeps float32 weights.
         return self.proj_norm(self.proj(mean.to(self.proj.weight.dtype)))
 
     def prompt_embeds(self, visual: torch.Tensor) -> torch.Tensor:
