@@ -4,6 +4,10 @@
 (`rope_parameters`) and the pre-transformers `stablelm_epoch` names (`rope_pct`, `norm_eps`). Anything it does not
 know, or a value the model does not implement, is an error naming the field: a config that would run with a
 silently different forward pass is worse than one that does not load.
+
+The head fields (`architectures`, `num_labels`, `id2label` / `label2id`, `problem_type`, `pad_token_id`,
+`classifier_dropout`) follow transformers' PretrainedConfig: `architectures[0]` says which class a checkpoint is
+(causal LM, bare backbone or a classification head) and the rest configure the heads.
 """
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ROPE_TYPES = ("default", "linear", "dynamic")
+# transformers' class names for the four StableLM classes; config.architectures[0] is one of them.
+ARCHITECTURES = ("StableLmForCausalLM", "StableLmModel", "StableLmForSequenceClassification",
+                 "StableLmForTokenClassification")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Keys of a Hugging Face config.json that do not change inference (bookkeeping, generation defaults, labels).
 IGNORED_HF_KEYS = {
-    "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
     "initializer_range", "use_cache", "output_hidden_states", "output_attentions", "return_dict",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type", "pad_token_id",
-    "tokenizer_class", "_attn_implementation", "attn_implementation", "use_return_dict", "torchscript",
+    "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "_attn_implementation", "attn_implementation", "use_return_dict", "torchscript",
     "tf_legacy_loss", "pruned_heads", "add_cross_attention", "finetuning_task", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "cross_attention_hidden_size", "tie_encoder_decoder",
     "is_decoder", "use_bfloat16", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
@@ -49,11 +56,36 @@ class StableLMConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 0
     eos_token_id: list[int] = field(default_factory=lambda: [0])
+    # ---- which class, and the heads' settings (transformers' names and meaning)
+    architectures: list[str] = field(default_factory=lambda: ["StableLmForCausalLM"])
+    pad_token_id: int | None = None           # sequence classification pools at the last token != pad_token_id
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None    # None: transformers' default names LABEL_0 .. LABEL_{n-1}
+    label2id: dict[str, int] | None = None    # None: the inverse of id2label
+    problem_type: str | None = None           # None: inferred from num_labels / the labels' dtype on first loss
+    classifier_dropout: float | None = None   # token classification; None: hidden_dropout, which is 0 here
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
+        if isinstance(self.architectures, str):
+            self.architectures = [self.architectures]
+        # JSON keys are strings; ids are ints (as transformers converts them).
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+        if self.label2id is not None:
+            self.label2id = {k: int(v) for k, v in self.label2id.items()}
         self.validate()
+
+    @property
+    def architecture(self) -> str:
+        return self.architectures[0]
+
+    def labels(self) -> tuple[dict[int, str], dict[str, int]]:
+        """(id2label, label2id) with transformers' defaults filled in."""
+        id2label = self.id2label if self.id2label is not None else {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        label2id = self.label2id if self.label2id is not None else {v: k for k, v in id2label.items()}
+        return id2label, label2id
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +118,22 @@ class StableLMConfig:
             bad("rope_factor", "rope scaling factor must be >= 1")
         if self.rope_theta <= 0:
             bad("rope_theta", "must be > 0")
+        if (not isinstance(self.architectures, list) or len(self.architectures) != 1
+                or self.architectures[0] not in ARCHITECTURES):
+            bad("architectures", f"must be one of {[[a] for a in ARCHITECTURES]}")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
+            bad("num_labels", "must be a positive integer")
+        if self.id2label is not None and sorted(self.id2label) != list(range(self.num_labels)):
+            bad("id2label", f"must have the ids 0..{self.num_labels - 1} (num_labels={self.num_labels}); "
+                            f"change both together")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            bad("problem_type", f"must be None or one of {PROBLEM_TYPES}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            bad("problem_type", "single_label_classification needs num_labels > 1 (use regression for one output)")
+        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+            bad("classifier_dropout", "must be None or in [0, 1)")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id:
+            bad("pad_token_id", "must be None or a token id >= 0")
 
     # ---- Hugging Face config.json <-> StableLMConfig ----
     @classmethod
@@ -132,6 +180,25 @@ class StableLMConfig:
         kw["rope_type"] = rope_type
         kw["rope_factor"] = float(factor) if factor is not None else 1.0
 
+        # Labels as transformers reads them: id2label decides num_labels; a missing id2label means num_labels
+        # (default 2) with the default names, which this config keeps as None so it compares equal.
+        id2label = hf.pop("id2label", None)
+        label2id = hf.pop("label2id", None)
+        if id2label is not None:
+            id2label = {int(k): v for k, v in id2label.items()}
+            kw["num_labels"] = len(id2label)
+            hf.pop("num_labels", None)
+        default_names = {i: f"LABEL_{i}" for i in range(kw.get("num_labels", hf.get("num_labels", 2)))}
+        if id2label == default_names:
+            id2label = None
+        if label2id is not None:
+            label2id = {k: int(v) for k, v in label2id.items()}
+            if label2id == {v: k for k, v in (id2label or default_names).items()}:
+                label2id = None
+        kw["id2label"], kw["label2id"] = id2label, label2id
+        if hf.get("architectures") is None:
+            hf.pop("architectures", None)  # transformers writes null for a config never saved with a model
+
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_type", "rope_factor"}
         for key in list(hf):
             if key in names:
@@ -154,9 +221,14 @@ class StableLMConfig:
         if self.rope_type != "default":
             rope["factor"] = self.rope_factor
         eos = self.eos_token_id
+        id2label, label2id = self.labels()
+        heads = {"pad_token_id": self.pad_token_id, "id2label": {str(k): v for k, v in id2label.items()},
+                 "label2id": label2id, "problem_type": self.problem_type}
+        if self.classifier_dropout is not None:
+            heads["classifier_dropout"] = self.classifier_dropout
         return {
             "model_type": "stablelm",
-            "architectures": ["StableLmForCausalLM"],
+            "architectures": list(self.architectures),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -175,6 +247,7 @@ class StableLMConfig:
             "rope_parameters": rope,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            **heads,
         }
 
     # ---- the project's own config.json ----

@@ -1,4 +1,7 @@
-"""StableLM decoder: embed -> N x Block -> final LayerNorm -> lm_head, written from scratch.
+"""StableLM decoder, written from scratch: the backbone (embed -> N x Block -> final LayerNorm) and the classes
+built on it, as in transformers: StableLMModel (hidden states), StableLM (causal LM, + lm_head),
+StableLMForSequenceClassification (+ score, pooled at each row's last token) and StableLMForTokenClassification
+(+ dropout + score per token).
 
 All arithmetic beyond the linear layers goes through `stablelm.ops`, so kernels are swapped without editing
 this file. Parameter layout (the converted checkpoint format): q/k/v are one fused `qkv` projection and the
@@ -6,6 +9,8 @@ MLP's gate/up one fused `gate_up` projection, so each is a single matmul.
 """
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -143,21 +148,39 @@ class Block(nn.Module):
         return x, self.mlp(h)
 
 
-class StableLM(nn.Module):
+class BackboneOutput(NamedTuple):
+    """The backbone's output with `output_hidden_states=True` (transformers' BaseModelOutputWithPast names)."""
+    last_hidden_state: torch.Tensor              # [B, S, hidden], after the final LayerNorm
+    hidden_states: tuple[torch.Tensor, ...]      # num_layers + 1 tensors, see StableLMModel.forward
+
+
+class ClassifierOutput(NamedTuple):
+    """A head's output (transformers' SequenceClassifierOutput / TokenClassifierOutput names)."""
+    logits: torch.Tensor                         # [B, num_labels] or [B, S, num_labels]
+    loss: torch.Tensor | None = None             # when labels were given
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class StableLMModel(nn.Module):
+    """The backbone, transformers' StableLmModel: embed -> N x Block -> final LayerNorm, hidden states out.
+
+    The causal LM and the classification heads subclass it and add their head on top of `forward`'s final
+    hidden states, so there is one decoder and the parameter names stay `embed`, `layers`, `norm` (no
+    submodule prefix: a converted causal-LM checkpoint loads into any of them).
+    """
+
     def __init__(self, config: StableLMConfig):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                        bias=False)
         self.rotary = Rotary(config)
         self.gradient_checkpointing = False
 
     @classmethod
     def random(cls, config: StableLMConfig, seed: int = 0, std: float = 0.02, device="cpu",
-               dtype: torch.dtype = torch.float32) -> "StableLM":
+               dtype: torch.dtype = torch.float32):
         """Random weights for benchmarks and the CPU default: matrices ~ N(0, std), LayerNorm weights near 1
         and biases near 0 (random, never exactly 1/0, so no kernel gets an easy special case)."""
         with torch.device(device):
@@ -171,25 +194,29 @@ class StableLM(nn.Module):
                     m.weight.add_(1.0)
         return model.eval()
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
-
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.embed.weight
         return KVCache.for_model(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, S, vocab] (or [B, 1, vocab] with last_only).
+                cache: KVCache | None = None, last_only: bool = False,
+                output_hidden_states: bool = False) -> torch.Tensor | BackboneOutput:
+        """Final hidden states [B, S, hidden] after the final LayerNorm (or [B, 1, hidden] with last_only).
 
         input_ids [B, S] or input_embeds [B, S, hidden]. attention_mask [B, S] (1 = token, 0 = padding) may
         describe left padding (its positions are then counted from each sequence's first real token) or right
         padding (harmless under the causal mask, so nothing changes). With a cache the call appends to it:
         the mask is only accepted on the first (prefill) call, and later calls continue each sequence's
-        positions. positions [B, S] override the defaults.
+        positions. positions [B, S] override the defaults (transformers' StableLmModel counts positions 0..S-1
+        whatever the mask: pass those to reproduce its left-padded outputs).
+
+        output_hidden_states: return BackboneOutput(last_hidden_state, hidden_states) with transformers'
+        convention: the embeddings, then each layer's output, the last one replaced by the final LayerNorm's
+        output (num_layers + 1 tensors, the last equal to last_hidden_state).
         """
+        if output_hidden_states and last_only:
+            raise ValueError("output_hidden_states and last_only cannot be combined")
         x = self._embed(input_ids, input_embeds)
         B, S, _ = x.shape
         kv_start = None
@@ -217,52 +244,24 @@ class StableLM(nn.Module):
         kv_len = cache.lengths + S if cache is not None else None
 
         delta = None
+        states = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x, delta = torch.utils.checkpoint.checkpoint(block, x, delta, cos, sin, kv_start, None, i,
                                                              use_reentrant=False)
             else:
                 x, delta = block(x, delta, cos, sin, kv_start, cache, i, kv_len)
+            if states is not None and i < len(self.layers) - 1:
+                # Blocks hand on (x, delta) with the add left to the next LayerNorm; a reported state needs it.
+                states.append(x + delta)
         if cache is not None:
             cache.advance(S)
         if last_only:
             x, delta = x[:, -1:], delta[:, -1:]
         x, _ = self.norm(delta, residual=x)
-        return F.linear(x, self.output_weight)
-
-    def prefill(self, cache: KVCache, input_ids: torch.Tensor | None = None, *,
-                input_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                chunk: int | None = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
-        """Write a prompt into an empty cache; returns the last position's logits [B, vocab].
-
-        The prompt goes through in pieces of `chunk` tokens (None: in one piece), so activation memory is
-        bounded by the chunk, not the prompt; logits agree with a one-piece prefill up to float rounding. The
-        mask is read on the first call into a cache only, so the first piece is stretched past the longest
-        left padding: every row then has a real token in it and its start is known before the next piece.
-        """
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"prefill chunk must be a positive integer or None, got {chunk!r}")
-        if max(cache.host_lengths) > 0:
-            raise ValueError("prefill needs an empty cache (call cache.reset() first)")
-        prompt = input_ids if input_ids is not None else input_embeds
-        if prompt is None or input_ids is not None and input_embeds is not None:
-            raise ValueError("pass exactly one of input_ids or input_embeds")
-        if prompt.dim() < 2 or prompt.shape[1] == 0:
-            raise ValueError(f"prefill needs a [batch, seq >= 1, ...] prompt, got shape {tuple(prompt.shape)}")
-        S = prompt.shape[1]
-        end = S if chunk is None else min(S, chunk)
-        if attention_mask is not None and end < S:
-            padding = attention_mask.shape[-1] - attention_mask.to(torch.int32).sum(-1)
-            end = min(S, max(end, int(padding.max()) + 1))
-        begin = 0
-        while True:
-            piece = dict(input_ids=None if input_ids is None else input_ids[:, begin:end],
-                         input_embeds=None if input_embeds is None else input_embeds[:, begin:end])
-            mask = attention_mask[:, :end] if begin == 0 and attention_mask is not None else None
-            logits = self(**piece, attention_mask=mask, cache=cache, last_only=True)
-            if end >= S:
-                return logits[:, -1]
-            begin, end = end, min(S, end + chunk)
+        if states is None:
+            return x
+        return BackboneOutput(x, tuple(states) + (x,))
 
     def _embed(self, input_ids, input_embeds):
         if (input_ids is None) == (input_embeds is None):
@@ -302,3 +301,163 @@ class StableLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class StableLM(StableLMModel):
+    """Causal LM (transformers' StableLmForCausalLM): the backbone's final hidden states through lm_head (or the
+    embedding matrix when tie_word_embeddings)."""
+
+    def __init__(self, config: StableLMConfig):
+        super().__init__(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                        bias=False)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S, vocab] (or [B, 1, vocab] with last_only); arguments as StableLMModel.forward."""
+        x = super().forward(input_ids, input_embeds=input_embeds, positions=positions,
+                            attention_mask=attention_mask, cache=cache, last_only=last_only)
+        # lm_head may be a QuantLinear (stablelm/quantize.py), which has no float weight: call the module.
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def prefill(self, cache: KVCache, input_ids: torch.Tensor | None = None, *,
+                input_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                chunk: int | None = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+        """Write a prompt into an empty cache; returns the last position's logits [B, vocab].
+
+        The prompt goes through in pieces of `chunk` tokens (None: in one piece), so activation memory is
+        bounded by the chunk, not the prompt; logits agree with a one-piece prefill up to float rounding. The
+        mask is read on the first call into a cache only, so the first piece is stretched past the longest
+        left padding: every row then has a real token in it and its start is known before the next piece.
+        """
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"prefill chunk must be a positive integer or None, got {chunk!r}")
+        if max(cache.host_lengths) > 0:
+            raise ValueError("prefill needs an empty cache (call cache.reset() first)")
+        prompt = input_ids if input_ids is not None else input_embeds
+        if prompt is None or input_ids is not None and input_embeds is not None:
+            raise ValueError("pass exactly one of input_ids or input_embeds")
+        if prompt.dim() < 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prefill needs a [batch, seq >= 1, ...] prompt, got shape {tuple(prompt.shape)}")
+        S = prompt.shape[1]
+        end = S if chunk is None else min(S, chunk)
+        if attention_mask is not None and end < S:
+            padding = attention_mask.shape[-1] - attention_mask.to(torch.int32).sum(-1)
+            end = min(S, max(end, int(padding.max()) + 1))
+        begin = 0
+        while True:
+            piece = dict(input_ids=None if input_ids is None else input_ids[:, begin:end],
+                         input_embeds=None if input_embeds is None else input_embeds[:, begin:end])
+            mask = attention_mask[:, :end] if begin == 0 and attention_mask is not None else None
+            logits = self(**piece, attention_mask=mask, cache=cache, last_only=True)
+            if end >= S:
+                return logits[:, -1]
+            begin, end = end, min(S, end + chunk)
+
+
+# ---------------------------------------------------------------- classification heads
+def last_token_index(input_ids: torch.Tensor | None, batch_size: int, pad_token_id: int | None):
+    """The position each row is pooled at, by transformers' rule: the rightmost token != pad_token_id (so left
+    and right padding both work, and a row of only padding pools at 0); -1 without a pad id (batch size 1 only)
+    or with input embeddings (no ids to look at)."""
+    if pad_token_id is None:
+        if batch_size != 1:
+            raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's last "
+                             "token")
+        return -1
+    if input_ids is None:
+        warnings.warn("sequence classification cannot find padding in input_embeds: it pools the last position "
+                      "of every row (as transformers does)", stacklevel=3)
+        return -1
+    not_pad = (input_ids != pad_token_id).to(torch.int32)
+    return (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * not_pad).argmax(-1)
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: StableLMConfig):
+    """transformers' ForSequenceClassificationLoss. An unset problem_type is inferred on the first call and
+    written into the config, as transformers does, so later batches keep the same loss."""
+    n = config.num_labels
+    if config.problem_type is None:
+        if n == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if n == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, n), labels.view(-1), ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int):
+    """transformers' ForTokenClassification: cross entropy in float32 over all tokens, label -100 ignored."""
+    return F.cross_entropy(logits.reshape(-1, num_labels).float(), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
+
+
+class StableLMForSequenceClassification(StableLMModel):
+    """transformers' StableLmForSequenceClassification: `score` (no bias) on the hidden state of each row's last
+    non-padding token (`last_token_index`); losses for regression, single- and multi-label classification."""
+
+    def __init__(self, config: StableLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> ClassifierOutput:
+        """ClassifierOutput(logits [B, num_labels], loss when labels are given, hidden_states when asked).
+        Inputs as StableLMModel.forward; labels: [B] class ids, [B] / [B, num_labels] float targets
+        (regression), or [B, num_labels] multi-hot floats."""
+        out = super().forward(input_ids, input_embeds=input_embeds, positions=positions,
+                              attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state if output_hidden_states else out
+        B = hidden.shape[0]
+        last = last_token_index(input_ids, B, self.config.pad_token_id)
+        # score is per token, so scoring only the pooled rows equals transformers' score-then-pool, on B rows
+        # instead of B * S.
+        logits = self.score(hidden[torch.arange(B, device=hidden.device), last])
+        loss = None if labels is None else sequence_classification_loss(logits, labels, self.config)
+        return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
+
+
+class StableLMForTokenClassification(StableLMModel):
+    """transformers' StableLmForTokenClassification: dropout then `score` (with bias) on every token's hidden
+    state. Dropout is config.classifier_dropout, else hidden_dropout (always 0 in this project's configs), as
+    transformers picks it."""
+
+    def __init__(self, config: StableLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else 0.0)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> ClassifierOutput:
+        """ClassifierOutput(logits [B, S, num_labels], loss when labels [B, S] are given (-100: ignored),
+        hidden_states when asked). Inputs as StableLMModel.forward."""
+        out = super().forward(input_ids, input_embeds=input_embeds, positions=positions,
+                              attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state if output_hidden_states else out
+        logits = self.score(self.dropout(hidden))
+        loss = None if labels is None else token_classification_loss(logits, labels, self.num_labels)
+        return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
+
+
+# config.architectures[0] -> the class that runs it.
+MODEL_CLASSES = {"StableLmForCausalLM": StableLM, "StableLmModel": StableLMModel,
+                 "StableLmForSequenceClassification": StableLMForSequenceClassification,
+                 "StableLmForTokenClassification": StableLMForTokenClassification}
+ARCHITECTURE_OF = {cls: name for name, cls in MODEL_CLASSES.items()}
+
+
+def model_class(config: StableLMConfig) -> type[StableLMModel]:
+    return MODEL_CLASSES[config.architecture]
