@@ -8,7 +8,11 @@ Two backends behind one `Tokenizer`:
 chat template (also read from `chat_template.jinja`) and, for sentencepiece, the add_bos/add_eos flags;
 `generation_config.json` / `config.json` fill a missing bos/eos and add further stop ids (`eos_ids`).
 Behaviour follows transformers' fast tokenizers: ids from `encode` match `PreTrainedTokenizerFast`, batches are
-left padded for generation, and the chat template is rendered with the same jinja2 settings.
+left padded for generation, and the chat template is rendered with the same jinja2 settings and variables.
+Ids past the vocabulary (StableLM embeddings are padded to 50304 rows; the tokenizer has ~50280 ids) decode to
+nothing, as `tokenizers` and transformers decode them.
+
+Every malformed file raises `TokenizerFileError` (a ValueError) naming the file.
 """
 from __future__ import annotations
 
@@ -22,6 +26,28 @@ import torch
 
 CHAT_ROLES = ("system", "user", "assistant")
 _TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the named tokens a chat template sees as variables.
+_NAMED_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Defaults transformers 5's tokenizer classes give tokens a tokenizer_config.json leaves out (their __init__
+# signatures); stablelm-3b-4e1t / zephyr name GPTNeoXTokenizer, stablelm-2 GPT2TokenizerFast.
+_CLASS_DEFAULTS = {
+    "GPTNeoXTokenizer": {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                         "pad_token": "<|padding|>"},
+    "GPT2Tokenizer": {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file (tokenizer.json, tokenizer.model, tokenizer_config.json, ...) that cannot be used."""
+
+    def __init__(self, path, message: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {message}")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile, or that called raise_exception() while rendering."""
 
 
 # ---------------------------------------------------------------- backends
@@ -35,6 +61,8 @@ class _TokenizersBackend:
         tok.no_truncation()
         self.tok = tok
         self.special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        # transformers skips clean_up_tokenization_spaces for BPE models (it would eat spaces before punctuation).
+        self.cleans_up = type(tok.model).__name__ != "BPE"
         # One past the largest id, not the token count: a converted vocabulary (tiktoken's) may have holes.
         self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
@@ -44,7 +72,7 @@ class _TokenizersBackend:
         try:
             return cls(RustTokenizer.from_file(str(path)))
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
-            raise ValueError(f"cannot load {path} as a tokenizers tokenizer.json: {e}") from e
+            raise TokenizerFileError(path, f"cannot load as a tokenizers tokenizer.json: {e}") from None
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -85,6 +113,7 @@ class _SentencePieceBackend:
         n = sp.get_piece_size()
         self.special = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
         self._split = None
+        self.cleans_up = False  # StableLM uses no sentencepiece model; clean-up is not applied to one
 
     @classmethod
     def load(cls, path: Path):
@@ -93,7 +122,7 @@ class _SentencePieceBackend:
         try:
             sp.load(str(path))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"cannot load {path} as a sentencepiece model: {e}") from e
+            raise TokenizerFileError(path, f"cannot load as a sentencepiece model: {e}") from None
         return cls(sp)
 
     @property
@@ -163,44 +192,77 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise TokenizerFileError(path, f"not valid JSON: {e}") from None
+    except OSError as e:
+        raise TokenizerFileError(path, f"cannot be read: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise TokenizerFileError(path, f"must hold a JSON object, got {type(data).__name__}")
     return data
 
 
-def _token_text(value, where: str) -> str | None:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(path, f"not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise TokenizerFileError(path, f"cannot be read: {e}") from None
+
+
+def _token_text(value, path: Path, key: str) -> str | None:
     """A special token as written in a config: a string, an AddedToken dict ({"content": ...}) or null."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{where}: expected a token string or {{'content': str}}, got {value!r}")
+    raise TokenizerFileError(path, f"{key}: expected a token string or {{'content': str}}, got {value!r}")
 
 
-def _id_list(value) -> list[int]:
+def _id_list(value, path: Path, key: str) -> list[int]:
     if value is None:
         return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
+    values = [value] if not isinstance(value, list) else value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TokenizerFileError(path, f"{key}: expected a token id or a list of token ids, got {value!r}")
+    return values
 
 
-def _chat_template(d: Path, config: dict) -> str | None:
-    # Newer checkpoints keep the template in chat_template.jinja; older ones inside tokenizer_config.json,
-    # either as a string or as a list of named templates of which "default" is the chat one.
-    file = d / "chat_template.jinja"
-    if file.is_file():
-        return file.read_text(encoding="utf-8")
+def _flag(config: dict, key: str, path: Path, default: bool) -> bool:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TokenizerFileError(path, f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _chat_templates(d: Path, config: dict) -> str | dict[str, str] | None:
+    """The checkpoint's chat template(s), found where transformers 5 looks.
+
+    chat_template.jinja (the "default" template) and additional_chat_templates/NAME.jinja take priority over
+    tokenizer_config.json's chat_template, which is a string or a list of {"name", "template"} entries. One
+    default template comes back as a string, several as {name: template}.
+    """
+    templates = {}
+    if (d / "chat_template.jinja").is_file():
+        templates["default"] = _read_text(d / "chat_template.jinja")
+    extra = d / "additional_chat_templates"
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            templates[f.name.removesuffix(".jinja")] = _read_text(f)
+    if templates:
+        return templates["default"] if list(templates) == ["default"] else templates
     template = config.get("chat_template")
+    where = d / "tokenizer_config.json"
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-        if template is None:
-            raise ValueError(f"{d / 'tokenizer_config.json'}: chat_template lists {sorted(map(str, named))} "
-                             "but no 'default' template")
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise TokenizerFileError(where, "chat_template: a list must hold {'name': str, 'template': str} entries")
+        return {t["name"]: t["template"] for t in template}
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{d / 'tokenizer_config.json'}: chat_template must be a string, got {template!r}")
+        raise TokenizerFileError(where, f"chat_template must be a string or a list, got {type(template).__name__}")
     return template
 
 
@@ -223,36 +285,67 @@ def _compile_jinja(source: str):
     """Compile a chat template with the environment transformers uses, so outputs match character for character."""
     try:
         import jinja2
+        import jinja2.ext  # not imported by `import jinja2`; transformers' import used to hide that
+        import jinja2.nodes
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:
-        raise ImportError("rendering a checkpoint's chat_template needs jinja2 (pip install jinja2)") from e
+        raise ImportError("rendering a checkpoint's chat_template needs jinja2 >= 3.1 (pip install jinja2)") from e
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag): renders its body as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
 
     def raise_exception(message):
-        raise ValueError(f"chat template error: {message}")
+        raise ChatTemplateError(f"chat template error: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters and ASCII-escapes text; templates expect plain JSON.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    # jinja's own tojson escapes HTML characters and ASCII-escapes text; templates expect plain JSON.
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat_template is not a valid jinja2 template (line {e.lineno}): {e.message}") from e
+        raise ChatTemplateError(f"chat_template is not a valid jinja2 template (line {e.lineno}): {e.message}") \
+            from None
 
 
-def _check_messages(messages) -> None:
+def _check_messages(messages, strict: bool) -> None:
+    """A conversation must be a non-empty list of dicts with a "role". The built-in format (strict) also needs
+    known roles and str content; a jinja template decides for itself what it accepts (it may raise_exception)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for k, m in enumerate(messages):
         if not isinstance(m, dict):
             raise TypeError(f"messages[{k}] must be a dict, got {type(m).__name__}")
+        if "role" not in m:
+            raise ValueError(f"messages[{k}] has no 'role'")
+        if not strict:
+            continue
         if m.get("role") not in CHAT_ROLES:
             raise ValueError(f"messages[{k}] has role {m.get('role')!r}; expected one of {CHAT_ROLES}")
         if not isinstance(m.get("content"), str):
             raise TypeError(f"messages[{k}]['content'] must be a str, got {type(m.get('content')).__name__}")
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization: drop the space a word-piece detokeniser leaves before punctuation."""
+    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(old, new)
+    return text
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -267,8 +360,10 @@ class Tokenizer:
 
     def __init__(self, backend, *, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, unk_token: str | None = None, extra_special_tokens=(),
-                 add_bos: bool | None = None, add_eos: bool | None = None, chat_template: str | None = None,
-                 extra_eos_ids=()):
+                 add_bos: bool | None = None, add_eos: bool | None = None,
+                 chat_template: str | dict[str, str] | None = None, extra_eos_ids=(),
+                 template_tokens: dict[str, str] | None = None, clean_up_tokenization_spaces: bool = False,
+                 clean_up_bpe: bool = False):
         self._backend = backend
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         ids = {}
@@ -296,8 +391,21 @@ class Tokenizer:
             raise ValueError("add_bos is set but the tokenizer has no bos token")
         if self._add_eos and self.eos_id is None:
             raise ValueError("add_eos is set but the tokenizer has no eos token")
+        if isinstance(chat_template, dict) and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in chat_template.items()):
+            raise TypeError("chat_template must be a str or a dict of {name: template str}")
+        if chat_template is not None and not isinstance(chat_template, (str, dict)):
+            raise TypeError(f"chat_template must be a str or a dict, got {type(chat_template).__name__}")
         self.chat_template = chat_template
-        self._compiled_template = None
+        self._compiled_templates = {}
+        # The variables a chat template sees: the named special tokens transformers would know (not the ones
+        # filled in here from config.json / generation_config.json ids, which transformers does not read).
+        if template_tokens is None:
+            template_tokens = {k: v for k, v in zip(_TOKEN_KEYS, (bos_token, eos_token, pad_token, unk_token))
+                               if v is not None}
+        self.template_tokens = dict(template_tokens)
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self._clean_up_bpe = clean_up_bpe
 
     # ------------------------------------------------ construction
     @classmethod
@@ -318,47 +426,83 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        """A checkpoint directory: tokenizer.json (preferred) or tokenizer.model, plus the optional configs."""
-        d = Path(path)
+        """A checkpoint directory: tokenizer.json (preferred) or tokenizer.model, plus the optional configs.
+
+        Read as transformers' `AutoTokenizer.from_pretrained` reads it: special tokens from tokenizer_config.json
+        (special_tokens_map.json where the config has no added_tokens_decoder), the defaults of the named
+        tokenizer_class, the chat template(s), clean_up_tokenization_spaces.
+        """
+        d = Path(path).expanduser()
+        looked_for = " or ".join(TOKENIZER_FILES)
+        if not d.exists():
+            raise FileNotFoundError(f"directory {d} does not exist (looked for {looked_for} in it)")
         if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {d} does not exist")
-        file = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).is_file()), None)
+            raise NotADirectoryError(f"{d} is not a directory (expected a checkpoint directory holding {looked_for})")
+        file = next((d / n for n in TOKENIZER_FILES if (d / n).is_file()), None)
         if file is None:
-            raise FileNotFoundError(f"{d} has no tokenizer.json or tokenizer.model (found: "
-                                    f"{sorted(p.name for p in d.iterdir()) or 'nothing'})")
-        config = _read_json(d / "tokenizer_config.json")
+            raise FileNotFoundError(f"{d} has no {looked_for} (found: "
+                                    f"{', '.join(sorted(p.name for p in d.iterdir())) or 'nothing'})")
+        config_path, map_path = d / "tokenizer_config.json", d / "special_tokens_map.json"
+        config = _read_json(config_path)
         # As in transformers: special_tokens_map.json is the older format, read (and winning) only when
         # tokenizer_config.json has no added_tokens_decoder.
-        special_map = {} if "added_tokens_decoder" in config else _read_json(d / "special_tokens_map.json")
-        tokens = {k: _token_text({**config, **special_map}.get(k), f"{d}: {k}") for k in _TOKEN_KEYS}
+        special_map = {} if "added_tokens_decoder" in config else _read_json(map_path)
+        merged = {**config, **special_map}
+        named = {}
+        for key in _NAMED_TOKEN_KEYS:
+            if key in merged:
+                named[key] = _token_text(merged[key], map_path if key in special_map else config_path, key)
+        class_name = config.get("tokenizer_class")
+        if isinstance(class_name, str):
+            for key, token in _CLASS_DEFAULTS.get(class_name.removesuffix("Fast"), {}).items():
+                named.setdefault(key, token)  # an explicit null in the config stays null
         extra = []
-        for source in (config, special_map):
+        for source, where in ((config, config_path), (special_map, map_path)):
             for key in ("additional_special_tokens", "extra_special_tokens"):
                 values = source.get(key) or []
-                if isinstance(values, list):  # a dict here names model-specific tokens, not extra specials
-                    extra += [_token_text(v, f"{d}: {key}") for v in values]
-        for i, entry in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+                if isinstance(values, dict):  # model-specific named tokens ({"image_token": "<image>"})
+                    for name, v in values.items():
+                        named.setdefault(str(name), _token_text(v, where, f"{key}.{name}"))
+                        extra.append(named[str(name)])
+                elif isinstance(values, list):
+                    extra += [_token_text(v, where, key) for v in values]
+                else:
+                    raise TokenizerFileError(where, f"{key}: expected a list of tokens, got {values!r}")
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise TokenizerFileError(config_path, "added_tokens_decoder must be an object of {id: token}")
+        for i, entry in decoder.items():
             if isinstance(entry, dict) and entry.get("special"):
-                extra.append(_token_text(entry, f"{d}: added_tokens_decoder[{i}]"))
+                extra.append(_token_text(entry, config_path, f"added_tokens_decoder[{i}]"))
+        named = {k: v for k, v in named.items() if v is not None}
+        tokens = {k: named.get(k) for k in _TOKEN_KEYS}
 
         # Token ids from the model/generation configs fill missing bos/eos and add further stop ids.
-        model_config = _read_json(d / "config.json")
+        model_path, generation_path = d / "config.json", d / "generation_config.json"
+        model_config = _read_json(model_path)
         if isinstance(model_config.get("config"), dict):  # this project's converted format nests the fields
             model_config = model_config["config"]
-        generation = _read_json(d / "generation_config.json")
+        generation = _read_json(generation_path)
         backend = _load_backend(file)
         for key, token in backend.own_tokens().items():
             if tokens[key] is None:
                 tokens[key] = token
+        ids_of = {}
+        for key in ("bos_token_id", "eos_token_id"):
+            ids_of[key] = (_id_list(generation.get(key), generation_path, key),
+                           _id_list(model_config.get(key), model_path, key))
         for key in ("bos_token", "eos_token"):
-            ids = _id_list(generation.get(key + "_id", model_config.get(key + "_id")))
+            ids = ids_of[key + "_id"][0] or ids_of[key + "_id"][1]
             if tokens[key] is None and ids and 0 <= ids[0] < backend.vocab_size:
                 tokens[key] = backend.id_to_token(ids[0])
-        extra_eos = _id_list(generation.get("eos_token_id")) + _id_list(model_config.get("eos_token_id"))
+        extra_eos = ids_of["eos_token_id"][0] + ids_of["eos_token_id"][1]
         flags = {} if isinstance(backend, _TokenizersBackend) else {
             "add_bos": config.get("add_bos_token"), "add_eos": config.get("add_eos_token")}
-        return cls(backend, **tokens, extra_special_tokens=extra, **flags, chat_template=_chat_template(d, config),
-                   extra_eos_ids=extra_eos)
+        return cls(backend, **tokens, extra_special_tokens=extra, **flags, chat_template=_chat_templates(d, config),
+                   extra_eos_ids=extra_eos, template_tokens=named,
+                   clean_up_tokenization_spaces=_flag(config, "clean_up_tokenization_spaces", config_path, False),
+                   clean_up_bpe=_flag(config, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+                                      config_path, False))
 
     # ------------------------------------------------ vocabulary
     @property
@@ -435,52 +579,102 @@ class Tokenizer:
         return ids, mask
 
     # ------------------------------------------------ decode
-    def _as_ids(self, ids, what: str) -> list[int]:
+    def _decode_id(self, i, what: str) -> int:
+        try:
+            i = operator.index(i)  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"{what} must be an integer, got {type(i).__name__}") from None
+        if i < 0:
+            raise ValueError(f"{what} {i} is negative")
+        return i
+
+    def _as_ids(self, ids, what: str, skip_special_tokens: bool) -> list[int]:
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex:
                 raise ValueError(f"{what} must be a 1-D integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
             ids = ids.tolist()
-        return [self._check_id(i, f"{what} entry") for i in ids]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of a sequence of ids (list or 1-D tensor); special tokens are dropped unless asked for."""
-        ids = self._as_ids(ids, "ids")
+        ids = [self._decode_id(i, f"{what} entry") for i in ids]
+        # Ids past the vocabulary (a padded embedding's extra rows) have no text: `tokenizers` skips them when
+        # decoding, and so does transformers; ids in a hole of the vocabulary are skipped by `tokenizers` too.
+        n = self.vocab_size
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
-        return self._backend.decode(ids)
+            return [i for i in ids if i < n and i not in self.special_ids]
+        return [i for i in ids if i < n]
 
-    def decode_batch(self, batch, skip_special_tokens: bool = True) -> list[str]:
+    def _clean(self, text: str, clean_up_tokenization_spaces: bool | None) -> str:
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None \
+            else clean_up_tokenization_spaces
+        # As transformers 5: the clean-up is never applied to a BPE model unless forced by the config.
+        if clean and (self._backend.cleans_up or self._clean_up_bpe):
+            return _clean_up_tokenization(text)
+        return text
+
+    def decode(self, ids, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool | None = None) -> str:
+        """Text of a sequence of ids (list or 1-D tensor); special tokens are dropped unless asked for.
+
+        Ids at or past `vocab_size` decode to nothing (transformers does the same); negative ids are an error.
+        """
+        ids = self._as_ids(ids, "ids", skip_special_tokens)
+        return self._clean(self._backend.decode(ids), clean_up_tokenization_spaces)
+
+    def decode_batch(self, batch, skip_special_tokens: bool = True,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         """decode for every row of a [B, S] tensor or a list of id lists."""
         if isinstance(batch, torch.Tensor):
             if batch.dim() != 2:
                 raise ValueError(f"decode_batch expects a [B, S] tensor, got shape {tuple(batch.shape)}")
             batch = list(batch)
-        rows = [self._as_ids(r, f"batch[{k}]") for k, r in enumerate(batch)]
-        if skip_special_tokens:
-            rows = [[i for i in r if i not in self.special_ids] for r in rows]
-        return self._backend.decode_batch(rows)
+        rows = [self._as_ids(r, f"batch[{k}]", skip_special_tokens) for k, r in enumerate(batch)]
+        return [self._clean(t, clean_up_tokenization_spaces) for t in self._backend.decode_batch(rows)]
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         """A fresh incremental decoder for one generated sequence (see StreamDecoder)."""
         return StreamDecoder(self, skip_special_tokens)
 
     # ------------------------------------------------ chat
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation of {"role": "system"|"user"|"assistant", "content": str} turns.
+    def _template_source(self, chat_template: str | None, tools) -> str | None:
+        """transformers' get_chat_template: a name picks one of several templates; "tool_use" serves tools."""
+        own = self.chat_template
+        if isinstance(own, dict):
+            if chat_template is not None:
+                return own.get(chat_template, chat_template)
+            if tools is not None and "tool_use" in own:
+                return own["tool_use"]
+            if "default" in own:
+                return own["default"]
+            raise ChatTemplateError(f"the tokenizer has several chat templates ({', '.join(sorted(own))}) and no "
+                                    "'default': pass chat_template=NAME")
+        return chat_template if chat_template is not None else own
 
-        Uses the checkpoint's jinja2 chat_template when it has one, else stablelm-zephyr-3b's format. The text
-        already holds its special tokens: encode it with add_special_tokens=False unless a bos is wanted.
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            chat_template: str | None = None, tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, **template_kwargs) -> str:
+        """The prompt text for a conversation of {"role": ..., "content": ...} turns.
+
+        Renders the checkpoint's jinja2 chat_template exactly as transformers' `apply_chat_template(messages,
+        tokenize=False, ...)` does: same jinja environment, variables `messages`, `tools`, `documents`,
+        `add_generation_prompt`, the named special tokens (bos_token, eos_token, ...) and `template_kwargs`.
+        Unlike transformers, add_generation_prompt defaults to True (this is for prompting a model).
+        `chat_template` is a template name (of several) or a template's source. Without any template,
+        stablelm-zephyr-3b's format is used. The text already holds its special tokens: encode it with
+        add_special_tokens=False unless a bos is wanted.
         """
-        _check_messages(messages)
-        if self.chat_template is None:
+        source = self._template_source(chat_template, tools)
+        _check_messages(messages, strict=source is None)
+        if source is None:
             if self.eos_token is None:
                 raise ValueError("the zephyr chat format ends each turn with eos, but the tokenizer has no eos token")
             return _zephyr_chat(messages, add_generation_prompt, self.eos_token)
-        if self._compiled_template is None:
-            self._compiled_template = _compile_jinja(self.chat_template)
-        return self._compiled_template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "")
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise TypeError("tools must be a list of JSON-schema dicts")
+        if documents is not None and not all(isinstance(doc, dict) for doc in documents):
+            raise TypeError("documents must be a list of dicts")
+        compiled = self._compiled_templates.get(source)
+        if compiled is None:
+            compiled = self._compiled_templates[source] = _compile_jinja(source)
+        variables = {**self.template_tokens, **template_kwargs}
+        return compiled.render(messages=messages, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **variables)
 
 
 class StreamDecoder:
@@ -501,7 +695,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completed ("" while a character is still incomplete)."""
-        self._ids.append(self._tok._check_id(token_id, "token id"))
+        self._ids.append(self._tok._decode_id(token_id, "token id"))
         return self._advance(final=False)
 
     def flush(self) -> str:
