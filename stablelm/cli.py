@@ -4,7 +4,7 @@
                                 [--top-p P] [--repetition-penalty R] [--num-beams N] [--seed S] [--chat]
                                 [--device cuda|cpu] [--dtype bf16|fp16|fp32]
     python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
-    python -m stablelm convert SRC DST [convert_weights.py options]
+    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4] [--group-size G] [--to-hf] [--overwrite]
     python -m stablelm info --model DIR
 
 Generated text streams to stdout as tokens arrive (beam search prints at the end, with a progress bar); notes,
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, FORMAT, is_hf_dir, project_shapes
+from .checkpoint import DTYPES, FORMAT, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir
 from .config import StableLMConfig, preset
+from .convert import project_shapes, weight_files
 
 RANDOM_NOTE = ("note: no --model given, so this is the built-in tiny model with RANDOM weights and byte-level token "
                "ids: the text is noise. Pass --model DIR (a converted or Hugging Face checkpoint) for real output.")
@@ -154,14 +155,33 @@ def cmd_generate(args, parser) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- convert
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """The conversion options, shared by `python -m stablelm convert` and convert_weights.py."""
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--quant", choices=sorted(QUANT_BITS), help="weight-only quantization of the linear layers")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim")
+    parser.add_argument("--to-hf", action="store_true", help="convert a converted directory back to transformers")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def run_convert(args, parser) -> int:
+    """Convert SRC to DST as `args` (from add_convert_arguments) say."""
+    if not (args.src / "config.json").exists():
+        parser.error(f"{args.src}: no config.json")
+    if args.to_hf:
+        if args.quant:
+            parser.error("--quant applies to HF -> project conversion only")
+        export_hf_dir(args.src, args.dst, args.dtype, args.overwrite)
+    else:
+        convert_hf_dir(args.src, args.dst, args.dtype, args.quant, args.group_size, args.overwrite)
+    print(f"wrote {args.dst}")
+    return 0
+
+
 # ---------------------------------------------------------------- info
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    return sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-
-
 def _stored_dtypes(files: list[Path]) -> dict[str, int]:
     """Element count per stored dtype, read from safetensors headers only (no tensor is loaded)."""
     from safetensors import safe_open
@@ -192,7 +212,7 @@ def checkpoint_info(path: str | Path) -> dict:
     else:
         kind, cfg = f"converted ({FORMAT} v{meta.get('version')})", StableLMConfig.from_dict(meta["config"])
         quant = meta.get("quantization")
-    files = _weight_files(path)
+    files = weight_files(path)
     # The logical parameter count: quantized tensors are stored packed, with scales beside them.
     params = sum(torch.Size(s).numel() for s in project_shapes(cfg).values())
     return {"path": str(path), "format": kind, "config": cfg.to_dict(), "parameters": params,
@@ -248,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA (default: graph)")
 
-    # Listed for --help only: main() hands everything after "convert" to convert_weights.py unparsed.
-    sub.add_parser("convert", help="convert a checkpoint (arguments as convert_weights.py; try convert --help)")
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint directory (or back, with --to-hf)")
+    add_convert_arguments(c)
+    c.set_defaults(handler=run_convert, subparser=c)
 
     i = sub.add_parser("info", help="config, parameter count and dtypes of a checkpoint directory")
     i.add_argument("--model", required=True)
@@ -259,10 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["convert"]:
-        import convert_weights  # the standalone script at the repository root (installed as a module)
-        return convert_weights.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.handler(args, args.subparser)

@@ -1,4 +1,5 @@
-"""convert_weights.py and stablelm.checkpoint: round trip, validation errors, atomic writes, dtype."""
+"""convert_weights.py, the weight map (stablelm.convert) and stablelm.checkpoint: round trip, validation errors,
+atomic writes, dtype."""
 import json
 
 import pytest
@@ -9,6 +10,8 @@ import convert_weights
 import stablelm
 import stablelm.checkpoint as ckpt
 from hf_utils import hf_model
+from stablelm.config import StableLMConfig
+from stablelm.convert import hf_shapes, hf_to_project, project_to_hf
 
 
 @pytest.fixture
@@ -35,6 +38,21 @@ def test_round_trip_is_exact(hf_dir, tmp_path):
     with torch.no_grad():
         ref = StableLmForCausalLM.from_pretrained(hf_dir).eval()(ids).logits
         assert torch.allclose(reloaded(ids).logits, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(use_qkv_bias=True, qk_layernorm=True, num_key_value_heads=2),
+    dict(use_parallel_residual=True, tie_word_embeddings=True),
+], ids=["plain", "bias-qknorm-gqa", "parallel-tied"])
+def test_weight_map_covers_transformers_state_dict(overrides):
+    """The map's HF side is exactly transformers' state dict, and both directions are inverse."""
+    model = hf_model(**overrides)
+    cfg = StableLMConfig.from_hf(model.config.to_dict())
+    hf = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    assert hf_shapes(cfg) == {k: tuple(v.shape) for k, v in hf.items()}
+    back = project_to_hf(hf_to_project(hf, cfg), cfg)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
 
 
 def _break(hf_dir, fn):
@@ -113,7 +131,7 @@ def test_converted_config_is_tagged(hf_dir, tmp_path):
 def test_vision_mode_converts_a_swin_checkpoint(tmp_path):
     from transformers import SwinConfig, SwinModel
 
-    from vision.swin import load_converted
+    from vision.swin_checkpoint import load_converted
     torch.manual_seed(0)
     hf = SwinModel(SwinConfig(image_size=56, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                               window_size=7)).eval()

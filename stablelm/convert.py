@@ -1,0 +1,193 @@
+"""Hugging Face <-> project tensor layouts, and reading Hugging Face checkpoint directories.
+
+WEIGHT_MAP is the whole conversion: project name -> Hugging Face name(s), `{}` standing for the layer index. A
+plain string is a rename; `Concat` fuses several HF tensors along dim 0 (q/k/v -> `qkv`, weights and biases;
+gate/up -> `gate_up`); `PerHead` stacks transformers' one-LayerNorm-per-head weights into one [heads, head_dim]
+tensor. The same map is read both ways (`hf_to_project`, `project_to_hf`), and which tensors a config has, with
+their shapes, comes from a meta-device model, so nothing here restates the model's layout.
+
+`weight_files` is the one shard-discovery routine (the converter, `load` and `info` all use it). Errors about
+a checkpoint's contents are CheckpointError and name the tensor or the file.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from safetensors import safe_open
+
+from .config import StableLMConfig
+from .model import StableLM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing tensors, has extra ones, or has wrong shapes (the message names them)."""
+
+
+class Concat(NamedTuple):
+    """A project tensor that is these HF tensors concatenated along dim 0; `rows(cfg)` gives each part's rows."""
+    parts: tuple[str, ...]
+    rows: Callable[[StableLMConfig], tuple[int, ...]]
+
+
+class PerHead(NamedTuple):
+    """A project [heads, ...] tensor stacked from one HF tensor per head; the template's second `{}` is the head."""
+    template: str
+
+
+def _qkv_rows(cfg: StableLMConfig) -> tuple[int, int, int]:
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_attention_heads * cfg.head_dim, kv, kv
+
+
+def _gate_up_rows(cfg: StableLMConfig) -> tuple[int, int]:
+    return cfg.intermediate_size, cfg.intermediate_size
+
+
+_ATTN = "model.layers.{}.self_attn."
+WEIGHT_MAP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "norm.bias": "model.norm.bias",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{}.ln1.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.ln1.bias": "model.layers.{}.input_layernorm.bias",
+    "layers.{}.ln2.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.ln2.bias": "model.layers.{}.post_attention_layernorm.bias",
+    "layers.{}.attn.qkv.weight": Concat(tuple(_ATTN + f"{x}_proj.weight" for x in "qkv"), _qkv_rows),
+    "layers.{}.attn.qkv.bias": Concat(tuple(_ATTN + f"{x}_proj.bias" for x in "qkv"), _qkv_rows),
+    "layers.{}.attn.o.weight": _ATTN + "o_proj.weight",
+    "layers.{}.attn.q_norm.weight": PerHead(_ATTN + "q_layernorm.norms.{}.weight"),
+    "layers.{}.attn.k_norm.weight": PerHead(_ATTN + "k_layernorm.norms.{}.weight"),
+    "layers.{}.mlp.gate_up.weight": Concat(("model.layers.{}.mlp.gate_proj.weight",
+                                            "model.layers.{}.mlp.up_proj.weight"), _gate_up_rows),
+    "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+# ---------------------------------------------------------------- expected tensors
+def meta_model(cfg: StableLMConfig) -> StableLM:
+    """The model of `cfg` on the meta device: its tensor names and shapes, no memory."""
+    with torch.device("meta"):
+        return StableLM(cfg)
+
+
+def project_shapes(cfg: StableLMConfig) -> dict[str, tuple]:
+    """Every tensor of the project layout with its shape."""
+    return {name: tuple(t.shape) for name, t in meta_model(cfg).state_dict().items()}
+
+
+def _plan(cfg: StableLMConfig) -> list[tuple[str, object, dict[str, tuple]]]:
+    """(project name, its WEIGHT_MAP rule, {HF name: shape} of its parts) for every tensor of the model."""
+    plan = []
+    for name, shape in project_shapes(cfg).items():
+        layer = _LAYER_INDEX.search(name)
+        index = () if layer is None else (layer.group(1),)
+        rule = WEIGHT_MAP[_LAYER_INDEX.sub(".{}.", name, count=1)]
+        if isinstance(rule, str):
+            parts = {rule.format(*index): shape}
+        elif isinstance(rule, Concat):
+            parts = {t.format(*index): (rows, *shape[1:]) for t, rows in zip(rule.parts, rule.rows(cfg))}
+        else:
+            parts = {rule.template.format(*index, head): shape[1:] for head in range(shape[0])}
+        plan.append((name, rule, parts))
+    return plan
+
+
+def hf_shapes(cfg: StableLMConfig) -> dict[str, tuple]:
+    """Every tensor of a transformers StableLmForCausalLM checkpoint with its shape."""
+    return {hf: shape for _, _, parts in _plan(cfg) for hf, shape in parts.items()}
+
+
+def check_tensors(tensors: dict, expected: dict[str, tuple], what: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or wrongly shaped tensor."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [f"{n}: expected {tuple(expected[n])}, got {tuple(tensors[n].shape)}"
+             for n in sorted(set(expected) & set(tensors)) if tuple(tensors[n].shape) != tuple(expected[n])]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if extra:
+        problems.append(f"unexpected tensors: {extra}")
+    if wrong:
+        problems.append(f"wrong shapes: {wrong}")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- the map, both ways
+def hf_to_project(hf: dict, cfg: StableLMConfig) -> dict:
+    """Map a transformers state dict to the project layout (q/k/v and gate/up fused). Checks names and shapes."""
+    hf = dict(hf)
+    if cfg.tie_word_embeddings and "lm_head.weight" in hf:
+        # Older saves keep the tied copy; accept it only if it really is the embedding.
+        if not torch.equal(hf["lm_head.weight"], hf.get("model.embed_tokens.weight", torch.empty(0))):
+            raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings "
+                                  "is true")
+        del hf["lm_head.weight"]
+    plan = _plan(cfg)
+    check_tensors(hf, {n: s for _, _, parts in plan for n, s in parts.items()}, "Hugging Face checkpoint")
+    out = {}
+    for name, rule, parts in plan:
+        tensors = [hf[n] for n in parts]
+        out[name] = (tensors[0] if isinstance(rule, str) else
+                     torch.cat(tensors) if isinstance(rule, Concat) else torch.stack(tensors))
+    return out
+
+
+def project_to_hf(sd: dict, cfg: StableLMConfig) -> dict:
+    """Inverse of hf_to_project: split fused tensors back into transformers names."""
+    check_tensors(sd, project_shapes(cfg), "converted checkpoint")
+    out = {}
+    for name, rule, parts in _plan(cfg):
+        t = sd[name]
+        pieces = ([t] if isinstance(rule, str) else
+                  t.split([shape[0] for shape in parts.values()]) if isinstance(rule, Concat) else t.unbind(0))
+        out.update(zip(parts, pieces))
+    return out
+
+
+# ---------------------------------------------------------------- reading files
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in transformers' order of preference: model.safetensors, the
+    safetensors index's shards, unindexed `model-*-of-*.safetensors` shards, then the same for pytorch_model*.bin."""
+    directory = Path(directory)
+    for single, index, shards in (("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+                                  ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")):
+        if (directory / single).exists():
+            return [directory / single]
+        if (directory / index).exists():
+            files = [directory / name for name in sorted(set(read_json(directory / index)["weight_map"].values()))]
+            for f in files:
+                if not f.exists():
+                    raise FileNotFoundError(f"shard listed in the index is missing: {f}")
+            return files
+        if found := sorted(directory.glob(shards)):
+            return found
+    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin "
+                            f"or pytorch_model.bin.index.json")
+
+
+def read_tensor_file(path: Path, device="cpu") -> dict:
+    """All tensors of one .safetensors or .bin file (a .bin is read with weights_only=True: no code runs)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    return torch.load(path, map_location=device, weights_only=True, mmap=True)
+
+
+def read_hf_tensors(directory: str | Path) -> dict:
+    """All tensors of a Hugging Face checkpoint directory, whatever its shard layout (see weight_files)."""
+    tensors = {}
+    for f in weight_files(directory):
+        tensors.update(read_tensor_file(f))
+    return tensors
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
