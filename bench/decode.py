@@ -130,7 +130,7 @@ def main(argv=None):
     copy_gbs = copy_bandwidth_gbs() if cuda else None
     model = StableLM.random(cfg, device=device, dtype=dtype)
     if args.quant:
-        from kernels.quant import quantize_model
+        from stablelm.quantize import quantize_model
         group = 32 if args.tiny else args.group_size  # the tiny MLP width (352) is not a multiple of 128
         quantize_model(model, {"int8": 8, "int4": 4}[args.quant], group)
     elt = torch.finfo(dtype).bits // 8

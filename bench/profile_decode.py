@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import environment, markdown_table, write_json
 from bench.launch import cases, host_us, measure
 from stablelm import StableLM, preset
+from stablelm.quantize import quantize_model
 
 
 def main(argv=None):
@@ -33,7 +34,6 @@ def main(argv=None):
     cfg = preset(args.preset)
     model = StableLM.random(cfg, device="cuda", dtype=torch.bfloat16)
     if args.quant:
-        from kernels.quant import quantize_model
         quantize_model(model, {"int8": 8, "int4": 4}[args.quant], args.group_size)
     cache = model.make_cache(args.batch, args.context + 2 * args.steps + 2)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context), device="cuda")

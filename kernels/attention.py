@@ -17,16 +17,15 @@ does 80-wide work rather than 128-wide work with 48 masked lanes. float32 inputs
 (fp32-level accuracy on the tensor cores); float16/bfloat16 use their own tensor-core products with fp32 accumulation.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels._common import FLOAT_DTYPES, INTERPRET
+
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _mask(B, Sq, Sk, kv_start, causal, device):
@@ -78,7 +77,7 @@ def _configs(params, fallback, interpret_params):
     params: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tuples; fallback: a small unpipelined config that
     fits in shared memory for any supported head_dim and dtype (see _keep_fallback_for_wide_rows).
     """
-    if _INTERPRET:
+    if INTERPRET:
         params = [interpret_params]
     else:
         params = params + [fallback]
@@ -558,12 +557,12 @@ def _check(q, k, v, kv_start, scale):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention_triton: {name} must be a 4-D tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"attention_triton: q, k, v must share one dtype among float16/bfloat16/float32, got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention_triton: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _INTERPRET:
+    if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"attention_triton: needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
                          "before importing triton, or use the 'torch' implementation")
     B, Hq, Sq, D = q.shape

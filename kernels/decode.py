@@ -16,7 +16,6 @@ masked lanes issue no memory traffic, so the bytes read are exactly the 80 real 
 registers, while a 64 + 16 split would double every dot and accumulator for no bandwidth gain (and would need
 a separate split for every head size).
 """
-import functools
 import math
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels._common import FLOAT_DTYPES, sm_count
 
 
 def decode_attention_ref(q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
@@ -169,13 +168,6 @@ _MAX_SPLITS = 64
 _MIN_SLOTS_PER_SPLIT = 256
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the CPU interpreter: parallelism does not matter, keep the split count small
-
-
 def _block_n(dtype: torch.dtype) -> int:
     # 64 keys of a 128-wide tile per step for 16-bit caches; half that for float32 to keep K and V tiles in SRAM.
     return 32 if dtype == torch.float32 else 64
@@ -184,7 +176,8 @@ def _block_n(dtype: torch.dtype) -> int:
 def num_splits(B: int, Hkv: int, T: int, dtype: torch.dtype, device: torch.device) -> int:
     """Split count for a cache of T slots: from static sizes only, so a captured graph stays valid."""
     max_splits = min(_MAX_SPLITS, triton.cdiv(T, max(_block_n(dtype), _MIN_SLOTS_PER_SPLIT)))
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), B * Hkv)
+    # In the interpreter parallelism does not matter: one "SM" keeps the split count small.
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device, interpreted=1), B * Hkv)
     return max(1, min(wanted, max_splits))
 
 
@@ -199,7 +192,7 @@ def _check_decode_args(q, k_cache, v_cache, kv_len, kv_start):
     Hkv = k_cache.shape[1]
     if Hq % Hkv:
         raise ValueError(f"decode_attention: query heads {Hq} must be a multiple of kv heads {Hkv}")
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"decode_attention: dtype {q.dtype} is not supported (float32, float16, bfloat16)")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"decode_attention: q, k_cache, v_cache dtypes must match, got {q.dtype}, "

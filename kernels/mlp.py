@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.norm import FLOAT_DTYPES, layout_error, row_layout
+from kernels._common import FLOAT_DTYPES, layout_error, row_layout
 
 
 def swiglu_ref(gate, up):

@@ -8,16 +8,16 @@ as the q part of a fused QKV projection are read without a copy) and the last di
 normalises a tile of BLOCK_R rows of one weight row; statistics and math are float32 whatever the input dtype.
 With a residual, s = x + residual is rounded to x's dtype once and both LN(s) and s come out of the same kernel.
 Backward recomputes the row statistics, writes dx (and dresidual) and reduces dweight/dbias as per-program float32
-partial sums followed by one small sum over programs. row_layout is shared with kernels/mlp.py.
+partial sums followed by one small sum over programs. The row addressing (row_layout) lives in kernels/_common.py,
+shared with kernels/mlp.py.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels._common import FLOAT_DTYPES, layout_error, row_layout, sm_count
+
 MAX_N = 16384  # one row must fit in registers (BLOCK_N = next_pow2(N))
 _TILE = 4096  # elements per program: rows are batched until a tile holds about this many
 # Backward programs per SM: each writes one float32 partial of dweight (and dbias), so more programs mean a larger
@@ -34,55 +34,6 @@ def layer_norm_ref(x, weight, bias, eps, residual=None):
         y = y + bias.float()
     y = y.to(x.dtype)
     return y if residual is None else (y, s)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Row addressing shared by the kernels of this module and kernels/mlp.py
-
-def _merged_stride(sizes, strides):
-    """The one stride that walks dims `sizes` in row-major order, 0 if they hold one element, None if none does."""
-    stride = expected = None
-    for size, st in zip(reversed(sizes), reversed(strides)):
-        if size == 1:
-            continue
-        if stride is None:
-            stride = st
-        elif st != expected:
-            return None
-        expected = st * size
-    return 0 if stride is None else stride
-
-
-def row_layout(tensors, per_head=False):
-    """Address the rows of same-shaped tensors [..., N] as (m, h): element (m, h, n) of tensor t lives at
-    m * sm + h * sh + n * sn. Returns (M, H, [(sm, sh, sn) per tensor]), or None when some tensor's leading dims
-    cannot be walked with two strides (or its column offsets would overflow int32).
-
-    Leading dims collapse into m alone when every tensor allows it (H = 1); otherwise, and always with
-    per_head, dim -2 is h (a per-head weight is indexed by it) and the dims before it collapse into m.
-    """
-    shape = tensors[0].shape
-    n = shape[-1]
-    if any(abs(t.stride(-1)) * (n - 1) >= 2 ** 31 for t in tensors):
-        return None
-    lead = shape[:-1]
-    if not per_head:
-        merged = [_merged_stride(lead, t.stride()[:-1]) for t in tensors]
-        if all(s is not None for s in merged):
-            return math.prod(lead), 1, [(s, 0, t.stride(-1)) for s, t in zip(merged, tensors)]
-        # Two or more leading dims here (one dim always merges).
-    strides = []
-    for t in tensors:
-        sm = _merged_stride(lead[:-1], t.stride()[:-2])
-        if sm is None:
-            return None
-        strides.append((sm, t.stride(-2), t.stride(-1)))
-    return math.prod(lead[:-1]), lead[-1], strides
-
-
-def layout_error(op, name, t):
-    return ValueError(f"{op}: {name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be addressed as "
-                      f"rows with two strides; pass {name}.contiguous()")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,9 +224,8 @@ def _layer_norm_forward(x, weight, bias, eps, residual):
 
 
 def _programs_per_device(device) -> int:
-    if device.type == "cuda":
-        return _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another: few, long programs
+    # 4 in the interpreter, which runs programs one after another: few, long programs.
+    return _BWD_PROGRAMS_PER_SM * sm_count(device, interpreted=2)
 
 
 def _layer_norm_backward(s, weight, bias, eps, dy, ds_out, need_dx, need_dres, need_dw):

@@ -1,4 +1,6 @@
-"""Weight-only quantized linear layers: int8 per output channel, int4 grouped along K, with Triton kernels.
+"""Weight-only quantization formats (int8 per output channel, int4 grouped along K) and the quant_linear op over
+them: quantize / dequantize, the reference and the Triton kernels. The model surgery over this file (QuantLinear,
+quantize_model, quantize_state_dict) is stablelm/quantize.py.
 
 Formats (plain tensors, so they live in safetensors checkpoints; a weight is [N, K] = [out, in]):
 
@@ -16,14 +18,14 @@ Why float32 scales and zeros: the kernels do their math in float32, the round-tr
 any weight magnitudes (bf16 scales add up to 2^-9 relative error per channel, fp16 ones under/overflow for
 unusual weights), and they are small: 4 bytes per output channel for int8 (0.16% of the weight bytes at
 K = 2560); 8 bytes per 128-weight group for int4 (12.5% on top of the 64 packed bytes; group_size 256 halves it).
-A module moved with .to(dtype) converts them too; every function here accepts any float dtype for them.
+A QuantLinear moved with .to(dtype) converts them too; every function here accepts any float dtype for them.
 
 Op (stablelm.ops.quant_linear): x [..., K] (float32 / float16 / bfloat16) -> [..., N] in x's dtype, plus bias
 [N] if given. Inference only: an x that requires grad is refused (no backward is implemented).
 
 Accuracy (tests/test_quant.py): a quantized linear layer's output is within 1.2e-2 (int8) / 1.3e-1 (int4) relative
 L2 error of the float layer on gaussian weights; a whole quantized model's logits within 2e-2 (int8, top-1 token
-agreeing on >= 90% of positions) / 2e-1 (int4, group 32) of the float model's.
+agreeing on >= 90% of positions) / 2e-1 (int4, group 32) of the float model's, with the lm_head quantized or not.
 
 Triton kernel: one program computes a BLOCK_M x BLOCK_N output tile over a range of K tiles (split-K), loading
 each weight tile once and dequantizing it in registers. The dequantization is factored out of the inner
@@ -40,17 +42,16 @@ the time of the matmul itself (20 GFLOP); only for M in the thousands would cuBL
 Tiling comes from choose_config (a heuristic, so nothing autotunes inside CUDA-graph capture); quant_matmul
 takes an explicit QuantMatmulConfig for tests and tuning.
 """
-import fnmatch
 import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels._common import FLOAT_DTYPES, sm_count
+
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
 INT4_GROUP_MULTIPLE = 16  # the smallest tl.dot depth: one group's scale covers whole K tiles
 
@@ -130,7 +131,7 @@ def _check_op_args(x, qweight, scales, zeros, bias, bits, group_size):
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         raise RuntimeError("quant_linear is inference-only (no backward): call it under torch.no_grad() or "
                            "pass inputs that do not require grad")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quant_linear: x dtype {x.dtype} is not supported (float32, float16, bfloat16)")
     if qweight.dim() != 2 or qweight.dtype != _QWEIGHT_DTYPES[bits]:
         raise ValueError(f"quant_linear: int{bits} qweight must be {_QWEIGHT_DTYPES[bits]} 2-D, got "
@@ -264,17 +265,13 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def _sm_count(device: torch.device) -> int:
-    # The interpreter has no SMs; a small count still makes the heuristic split K on small test shapes.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 @functools.lru_cache(maxsize=None)
 def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> QuantMatmulConfig:
     """Heuristic tiling (not autotuned, so the first call may happen inside CUDA-graph capture); cached, since
     eager decode pays it on every call."""
     k_cap = _pow2_divisor(group_size) if bits == 4 else 1 << 30
-    sms = _sm_count(device)
+    # In the interpreter a small count still makes the heuristic split K on small test shapes.
+    sms = sm_count(device, interpreted=4)
     if M > 64:
         # Prefill: big tiles, narrowed while there would be less than one program per SM.
         block_m, block_n = 128, 128
@@ -357,84 +354,3 @@ def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
 
 IMPLEMENTATIONS = {"quant_linear": {"torch": quant_linear_ref, "triton": quant_linear_triton}}
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Modules
-
-class QuantLinear(nn.Module):
-    """A weight-only quantized nn.Linear; its tensors are buffers, so state_dict holds the quantized format
-    (qweight, scales, zeros for int4, bias if any) under the replaced Linear's name."""
-
-    def __init__(self, qweight, scales, zeros, bias, bits: int, group_size: int):
-        super().__init__()
-        self.out_features = qweight.shape[0]
-        self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
-        self.bits = bits
-        self.group_size = group_size
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zeros", zeros)
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> "QuantLinear":
-        qweight, scales, zeros = quantize_weight(linear.weight, bits, group_size)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(qweight, scales, zeros, bias, bits, group_size)
-
-    def forward(self, x):
-        from stablelm import ops  # stablelm.ops imports this module to register the kernels
-        return ops.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size)
-
-    def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}{group}")
-
-
-def _skipped(name: str, skip) -> bool:
-    """A skip entry (an fnmatch pattern) matches the qualified name or its last component."""
-    leaf = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, s) or fnmatch.fnmatchcase(leaf, s) for s in skip)
-
-
-def quantize_model(module: nn.Module, bits: int, group_size: int = 128, skip=("lm_head",)) -> nn.Module:
-    """Replace, in place, every nn.Linear whose qualified name matches no skip entry by a QuantLinear."""
-    if isinstance(module, nn.Linear):
-        raise ValueError("quantize_model: cannot replace the root module in place; use QuantLinear.from_linear")
-    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
-    for name, linear in targets:
-        try:
-            quantized = QuantLinear.from_linear(linear, bits, group_size)
-        except ValueError as e:
-            raise ValueError(f"quantize_model: layer {name!r}: {e}") from None
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, quantized)
-    return module
-
-
-# The nn.Linear modules of the project's layout (stablelm/model.py). A bare state dict does not say which 2-D
-# tensors are Linear weights (embed.weight and the q_norm/k_norm weights are 2-D too); the tests check this
-# list against quantize_model on a StableLM.
-STABLELM_LINEARS = ("qkv", "o", "gate_up", "down", "lm_head")
-
-
-def quantize_state_dict(tensors: dict, bits: int, group_size: int = 128, skip=("lm_head",),
-                        linears=STABLELM_LINEARS) -> dict:
-    """The state dict quantize_model(model, bits, group_size, skip) would have, from the float one: each
-    `<module>.weight` whose module's last name is in `linears` (and matches no skip entry) becomes
-    `<module>.qweight`, `.scales` (and `.zeros` for int4); every other tensor is kept as is."""
-    out = {}
-    for key, tensor in tensors.items():
-        module, _, leaf = key.rpartition(".")
-        if leaf != "weight" or module.rsplit(".", 1)[-1] not in linears or _skipped(module, skip):
-            out[key] = tensor
-            continue
-        try:
-            qweight, scales, zeros = quantize_weight(tensor, bits, group_size)
-        except ValueError as e:
-            raise ValueError(f"quantize_state_dict: {key!r}: {e}") from None
-        out[f"{module}.qweight"], out[f"{module}.scales"] = qweight, scales
-        if zeros is not None:
-            out[f"{module}.zeros"] = zeros
-    return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels._common import FLOAT_DTYPES
 
 
 def rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -150,7 +150,7 @@ def _check_rotary_args(q, k, cos, sin):
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 4:
             raise ValueError(f"rotary: {name} must be [B, S, H, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"rotary: {name} dtype {t.dtype} is not supported (float32, float16, bfloat16)")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dtype != torch.float32:
@@ -223,13 +223,13 @@ def rotary_cache_triton(q, k, v, cos, sin, k_cache, v_cache, write_pos):
         raise RuntimeError("rotary_cache_triton is inference-only (no autograd): call it under torch.no_grad()")
     if v.shape != k.shape:
         raise ValueError(f"rotary_cache: v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
-    if v.dtype not in _FLOAT_DTYPES:
+    if v.dtype not in FLOAT_DTYPES:
         raise TypeError(f"rotary_cache: v dtype {v.dtype} is not supported (float32, float16, bfloat16)")
     B, S, Hkv, D = k.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.dim() != 4 or c.shape[0] != B or c.shape[1] != Hkv or c.shape[3] != D:
             raise ValueError(f"rotary_cache: {name} must be [B={B}, Hkv={Hkv}, T, D={D}], got {tuple(c.shape)}")
-        if c.dtype not in _FLOAT_DTYPES:
+        if c.dtype not in FLOAT_DTYPES:
             raise TypeError(f"rotary_cache: {name} dtype {c.dtype} is not supported (float32, float16, bfloat16)")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"rotary_cache: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")

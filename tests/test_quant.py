@@ -1,16 +1,17 @@
-"""Weight-only int8 / int4 quantization: format round trips, Triton quant_linear vs the reference, QuantLinear,
-quantize_model / quantize_state_dict / checkpoint loading, argument errors; GPU tests at StableLM-3B sizes."""
+"""Weight-only int8 / int4 quantization: format round trips, Triton quant_linear vs the reference (kernels/quant.py),
+QuantLinear, quantize_model / quantize_state_dict (stablelm/quantize.py), checkpoint loading, argument errors; GPU
+tests at StableLM-3B sizes."""
 import pytest
 import torch
 import torch.nn as nn
 
 import stablelm.checkpoint as ckpt
-from kernels.quant import (QuantLinear, QuantMatmulConfig, choose_config, dequantize_weight, pack_int4,
-                           quant_linear_ref, quant_linear_triton, quant_matmul, quantize_model, quantize_state_dict,
-                           quantize_weight, unpack_int4)
+from kernels.quant import (QuantMatmulConfig, choose_config, dequantize_weight, pack_int4, quant_linear_ref,
+                           quant_linear_triton, quant_matmul, quantize_weight, unpack_int4)
 from stablelm import ops
 from stablelm.config import preset
 from stablelm.model import StableLM
+from stablelm.quantize import QuantLinear, quantize_model, quantize_state_dict
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton vs reference on the same quantized weights: only the fp32 summation order differs, then both round to
@@ -287,6 +288,8 @@ def test_state_dict_conversion_matches_quantize_model_and_loads(bits, tmp_path):
 
 # The whole model, quantized vs float: ||logits_q - logits|| / ||logits||. Measured on the tiny random model (3 seeds,
 # 2 x 24 tokens): int8 0.0118-0.0122 with top-1 agreement 0.96-1.0; int4 group 32: 0.126-0.146, agreement 0.77-0.85.
+# With the lm_head quantized too (skip=(), tied or not): int8 0.0123-0.0131, agreement 0.96-1.0; int4 group 32:
+# 0.134-0.151, agreement 0.77-1.0.
 MODEL_REL_ERR = {8: 2e-2, 4: 2e-1}
 
 
@@ -302,6 +305,45 @@ def test_quantized_model_logits_close_to_float(bits, group_size):
     assert rel < MODEL_REL_ERR[bits], rel
     if bits == 8:
         assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+
+
+
+def resident_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("bits,group_size", [(8, 128), (4, 32)])
+def test_quantized_lm_head(bits, group_size, tied):
+    cfg = preset("tiny", tie_word_embeddings=tied)
+    ref = StableLM.random(cfg, seed=5, device=DEVICE)
+    head_kept = quantize_model(StableLM.random(cfg, seed=5, device=DEVICE), bits, group_size)
+    tensors = quantize_state_dict(ref.state_dict(), bits, group_size, skip=())
+    model = quantize_model(StableLM.random(cfg, seed=5, device=DEVICE), bits, group_size, skip=())
+    assert isinstance(model.lm_head, QuantLinear)
+    # A tied model keeps the float table for the lookups; its quantized head is a copy quantized from it.
+    assert type(model.embed) is nn.Embedding and torch.equal(model.embed.weight, ref.embed.weight)
+    expected = model.state_dict()
+    assert sorted(tensors) == sorted(expected)
+    for name, t in expected.items():
+        assert t.dtype == tensors[name].dtype and torch.equal(t, tensors[name]), name
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), device=DEVICE)
+    for impl in ("torch", "triton"):
+        with torch.no_grad(), ops.using(quant_linear=impl):
+            want, got = ref(ids), model(ids)
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < MODEL_REL_ERR[bits], (impl, rel)
+        if bits == 8:
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+    assert resident_bytes(model) < resident_bytes(ref)
+    if not tied:
+        assert resident_bytes(model) < resident_bytes(head_kept)
+
+
+def test_quantize_model_tied_head_error_names_it():
+    cfg = preset("tiny", tie_word_embeddings=True, hidden_size=80, num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"tied lm_head .*group_size 32 does not divide in_features K=80"):
+        quantize_model(StableLM.random(cfg), 4, 32, skip=("qkv", "o", "gate_up", "down"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -1,0 +1,96 @@
+"""Helpers every kernel file shares: the float dtypes the kernels take, the SM count their launch heuristics use,
+the row addressing of kernels/norm.py and kernels/mlp.py, and the Triton interpreter's setup.
+
+With TRITON_INTERPRET=1 (read when this module is first imported, which every kernel module does before it defines
+a kernel, as Triton itself decides at @triton.jit time whether a kernel is interpreted) every Triton kernel runs on
+CPU tensors. Importing this module then also applies the interpreter fix below, so a script run outside pytest
+(a researcher stepping through a kernel on a laptop) gets what the tests get.
+"""
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fix_interpreter_for_numpy_2_4() -> None:
+    """Triton 3.6's interpreter int()s the 1-element array of a scalar tensor used as a runtime loop bound, which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); give the interpreter's
+    tensors an __index__ that reads the single element instead."""
+    import triton.runtime.interpreter as interpreter
+
+    if np.lib.NumpyVersion(np.__version__) < "2.4.0" or not hasattr(interpreter, "_patch_lang_tensor"):
+        return
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_with_index(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_with_index
+
+
+if INTERPRET:
+    _fix_interpreter_for_numpy_2_4()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device, interpreted: int) -> int:
+    """The device's streaming multiprocessors on CUDA; elsewhere (the interpreter, which has no SMs and runs programs
+    one after another) `interpreted`, the count the caller's heuristic should assume there."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return interpreted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row addressing (kernels/norm.py, kernels/mlp.py)
+
+def _merged_stride(sizes, strides):
+    """The one stride that walks dims `sizes` in row-major order, 0 if they hold one element, None if none does."""
+    stride = expected = None
+    for size, st in zip(reversed(sizes), reversed(strides)):
+        if size == 1:
+            continue
+        if stride is None:
+            stride = st
+        elif st != expected:
+            return None
+        expected = st * size
+    return 0 if stride is None else stride
+
+
+def row_layout(tensors, per_head=False):
+    """Address the rows of same-shaped tensors [..., N] as (m, h): element (m, h, n) of tensor t lives at
+    m * sm + h * sh + n * sn. Returns (M, H, [(sm, sh, sn) per tensor]), or None when some tensor's leading dims
+    cannot be walked with two strides (or its column offsets would overflow int32).
+
+    Leading dims collapse into m alone when every tensor allows it (H = 1); otherwise, and always with
+    per_head, dim -2 is h (a per-head weight is indexed by it) and the dims before it collapse into m.
+    """
+    shape = tensors[0].shape
+    n = shape[-1]
+    if any(abs(t.stride(-1)) * (n - 1) >= 2 ** 31 for t in tensors):
+        return None
+    lead = shape[:-1]
+    if not per_head:
+        merged = [_merged_stride(lead, t.stride()[:-1]) for t in tensors]
+        if all(s is not None for s in merged):
+            return math.prod(lead), 1, [(s, 0, t.stride(-1)) for s, t in zip(merged, tensors)]
+        # Two or more leading dims here (one dim always merges).
+    strides = []
+    for t in tensors:
+        sm = _merged_stride(lead[:-1], t.stride()[:-2])
+        if sm is None:
+            return None
+        strides.append((sm, t.stride(-2), t.stride(-1)))
+    return math.prod(lead[:-1]), lead[-1], strides
+
+
+def layout_error(op, name, t):
+    return ValueError(f"{op}: {name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be addressed as "
+                      f"rows with two strides; pass {name}.contiguous()")

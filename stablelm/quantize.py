@@ -1,0 +1,119 @@
+"""Weight-only quantization of a model: QuantLinear (an nn.Linear stand-in whose forward is ops.quant_linear),
+quantize_model (module surgery, in place) and quantize_state_dict (the same change on a bare state dict, for the
+converter). The formats, kernels and accuracy bounds are in kernels/quant.py.
+
+The lm_head is skipped by default; skip=() quantizes it too. A StableLM with tied embeddings has no lm_head module
+(its forward multiplies by the embedding table), so quantizing the head gives it one: a QuantLinear quantized from
+the embedding table, while `embed` stays the float table. The lookup needs float rows (quantizing the inputs of
+the first layer as well would add the table's rounding error to every activation, and nn.Embedding cannot read the
+packed format), and it reads only one row per token, while the head reads the whole table every decode step:
+the quantized copy costs 1 (int8) / 0.5 + 8 / group_size (int4) bytes per table entry of residency next to the
+float table, and saves that step most of the head's bytes. A state dict then holds both `embed.weight` and
+`lm_head.qweight` (+ scales, zeros), as quantize_state_dict writes it.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch.nn as nn
+
+from kernels.quant import quantize_weight
+
+from . import ops
+from .model import StableLM
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized nn.Linear; its tensors are buffers, so state_dict holds the quantized format
+    (qweight, scales, zeros for int4, bias if any) under the replaced Linear's name."""
+
+    def __init__(self, qweight, scales, zeros, bias, bits: int, group_size: int):
+        super().__init__()
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
+        self.bits = bits
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> "QuantLinear":
+        qweight, scales, zeros = quantize_weight(linear.weight, bits, group_size)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(qweight, scales, zeros, bias, bits, group_size)
+
+    def forward(self, x):
+        return ops.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}{group}")
+
+
+def _skipped(name: str, skip) -> bool:
+    """A skip entry (an fnmatch pattern) matches the qualified name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, s) or fnmatch.fnmatchcase(leaf, s) for s in skip)
+
+
+def quantize_model(module: nn.Module, bits: int, group_size: int = 128, skip=("lm_head",)) -> nn.Module:
+    """Replace, in place, every nn.Linear whose qualified name matches no skip entry by a QuantLinear; a StableLM
+    with tied embeddings gets a quantized lm_head unless "lm_head" is skipped (see the module docstring)."""
+    if isinstance(module, nn.Linear):
+        raise ValueError("quantize_model: cannot replace the root module in place; use QuantLinear.from_linear")
+    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    for name, linear in targets:
+        try:
+            quantized = QuantLinear.from_linear(linear, bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"quantize_model: layer {name!r}: {e}") from None
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, quantized)
+    if isinstance(module, StableLM) and module.lm_head is None and not _skipped("lm_head", skip):
+        try:
+            module.lm_head = QuantLinear(*quantize_weight(module.embed.weight, bits, group_size), None, bits,
+                                         group_size)
+        except ValueError as e:
+            raise ValueError(f"quantize_model: tied lm_head (embed.weight): {e}") from None
+    return module
+
+
+# The nn.Linear modules of the project's layout (stablelm/model.py). A bare state dict does not say which 2-D
+# tensors are Linear weights (embed.weight and the q_norm/k_norm weights are 2-D too); the tests check this
+# list against quantize_model on a StableLM.
+STABLELM_LINEARS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+def quantize_state_dict(tensors: dict, bits: int, group_size: int = 128, skip=("lm_head",),
+                        linears=STABLELM_LINEARS) -> dict:
+    """The state dict quantize_model(model, bits, group_size, skip) would have, from the float one: each
+    `<module>.weight` whose module's last name is in `linears` (and matches no skip entry) becomes
+    `<module>.qweight`, `.scales` (and `.zeros` for int4); every other tensor is kept as is. A StableLM state dict
+    with `embed.weight` and no `lm_head.weight` is a tied one: unless skipped, its head is quantized from the
+    embedding table into `lm_head.*`, and `embed.weight` stays."""
+    out = {}
+    for key, tensor in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf != "weight" or module.rsplit(".", 1)[-1] not in linears or _skipped(module, skip):
+            out[key] = tensor
+            continue
+        out.update(_quantized(key, module, tensor, bits, group_size))
+    tied = "embed.weight" in tensors and "lm_head.weight" not in tensors
+    if tied and "lm_head" in linears and not _skipped("lm_head", skip):
+        out.update(_quantized("embed.weight", "lm_head", tensors["embed.weight"], bits, group_size))
+    return out
+
+
+def _quantized(key: str, module: str, weight, bits: int, group_size: int) -> dict:
+    """{`module`.qweight, .scales (, .zeros)} of the float weight stored under `key`."""
+    try:
+        qweight, scales, zeros = quantize_weight(weight, bits, group_size)
+    except ValueError as e:
+        raise ValueError(f"quantize_state_dict: {key!r}: {e}") from None
+    out = {f"{module}.qweight": qweight, f"{module}.scales": scales}
+    if zeros is not None:
+        out[f"{module}.zeros"] = zeros
+    return out
