@@ -18,12 +18,22 @@ module that holds the op's reference):
     ops.register("attention", "mine", my_fn)        # add an implementation with the same signature
     with ops.using(attention="sdpa"): ...           # scoped choice
 
-Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch".
+Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch". A "triton" implementation
+picked for CPU tensors runs in Triton's interpreter when TRITON_INTERPRET=1 was set before the kernels were
+imported; without it every op raises the same RuntimeError saying so (rather than each kernel failing its own way).
 """
 import contextlib
-import importlib
 
-_KERNEL_MODULES = ["rotary", "attention", "decode", "norm", "mlp", "quant"]
+# Imported as kernels.<name>: the ops below reuse the names rotary and attention.
+import kernels.attention
+import kernels.decode
+import kernels.mlp
+import kernels.norm
+import kernels.quant
+import kernels.rotary
+from kernels._common import INTERPRET
+
+_KERNEL_MODULES = (kernels.rotary, kernels.attention, kernels.decode, kernels.norm, kernels.mlp, kernels.quant)
 
 # Preferred implementation first, from the measurements in bench/results/ (README, "Swapping kernels", says why).
 CUDA_PREFERENCE = {
@@ -93,7 +103,12 @@ def implementation(op: str, name: str):
 
 def get(op: str, device_type: str):
     """The function `op` dispatches to for tensors on `device_type`."""
-    return _registry[op][current(op, device_type)]
+    name = current(op, device_type)
+    if name == "triton" and device_type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"op {op!r}: implementation 'triton' needs CUDA tensors or TRITON_INTERPRET=1 (set before "
+                           f"kernels are imported) to run on {device_type} tensors; or pick another implementation, "
+                           f"e.g. ops.use({op}='torch')")
+    return _registry[op][name]
 
 
 def rotary(q, k, cos, sin):
@@ -125,8 +140,7 @@ def quant_linear(x, qweight, scales, zeros, bias, bits, group_size):
 
 
 def _register_kernels():
-    for mod_name in _KERNEL_MODULES:
-        module = importlib.import_module(f"kernels.{mod_name}")
+    for module in _KERNEL_MODULES:
         for op, impls in module.IMPLEMENTATIONS.items():
             for name, fn in impls.items():
                 register(op, name, fn)

@@ -4,19 +4,9 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before triton is first imported so every @triton.jit kernel runs on CPU tensors.
+    # Must be set before the kernels are first imported so every @triton.jit kernel runs on CPU tensors (importing
+    # them then also applies kernels/_common.py's interpreter fix).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    import triton.runtime.interpreter as _interp
-
-    if hasattr(_interp, "_patch_lang_tensor"):
-        _patch_lang_tensor = _interp._patch_lang_tensor
-
-        def _patch_with_index(tensor, scope):
-            _patch_lang_tensor(tensor, scope)
-            # Triton 3.6's interpreter int()s 1-element arrays for runtime loop bounds; NumPy >= 2.4 refuses.
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        _interp._patch_lang_tensor = _patch_with_index
 
 import pytest  # noqa: E402
 

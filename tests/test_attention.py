@@ -6,41 +6,19 @@ same small cases run compiled. The @pytest.mark.gpu tests add bf16 at real Stabl
 Hopper configs.
 """
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 
 import stablelm.ops as ops
+from kernels._common import INTERPRET
 from kernels.attention import _HEAD_DIMS, attention_ref, attention_sdpa, attention_triton
 from stablelm import StableLM, preset
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Without a GPU these tests run the kernels in the interpreter; with one, the same small cases run compiled.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Per-dtype tolerances for the CPU comparisons (reference: float32 math on the same, upcast inputs).
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_numpy_compat():
-    """Triton 3.6's interpreter turns a scalar tensor used as a loop bound into int(ndarray of shape (1,)), which
-    numpy >= 2.4 rejects; route it through the single element instead while this module's tests run."""
-    if not INTERPRET or np.lib.NumpyVersion(np.__version__) < "2.4.0":
-        yield
-        return
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
-        yield
 
 
 def make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, device=DEVICE, layout="bshd"):
