@@ -12,8 +12,8 @@ Sections (each printed as a markdown table and stored in the JSON with the GPU, 
   elementwise  rotary, layer_norm (with and without the fused residual), swiglu at 16384 tokens.
 Bandwidth is also given as a fraction of the measured copy bandwidth (a 1 GiB device-to-device copy, bytes read +
 written). Times are triton.testing.do_bench medians; do_bench clears L2 before every call, and inputs that would
-fit in L2 are additionally rotated over several copies. Implementations by other modules are looked up in their
-IMPLEMENTATIONS dicts; a missing one prints a "skipped: not implemented" row.
+fit in L2 are additionally rotated over several copies. Our implementations are the ones stablelm.ops
+dispatches to (ops.implementation).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import bench_ms, copies_for, copy_bandwidth_gbs, environment, graph_ms, markdown_table, write_json
+from stablelm import ops
 
 HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, ROTARY_DIM = 32, 80, 2560, 6912, 20  # StableLM-3B
 DTYPE = torch.bfloat16
@@ -33,13 +34,6 @@ DEVICE = "cuda"
 TARGETS = dict(prefill_fwd_vs_flash=1.3, decode_frac_copy=0.8, rotary_frac_copy=0.8)
 # The issue's reference points (measured on an H100), printed for context.
 REFERENCE = "reference H100 measurements: SDPA flash causal fwd head_dim 80 = 324 TFLOP/s, copy = 3.0 TB/s"
-
-
-def lookup(module, op, name):
-    """IMPLEMENTATIONS[op][name] of kernels.<module>, or None if that implementation is not there (yet)."""
-    import importlib
-    impls = getattr(importlib.import_module(f"kernels.{module}"), "IMPLEMENTATIONS", {})
-    return impls.get(op, {}).get(name)
 
 
 def guarded(fn):
@@ -57,15 +51,13 @@ def guarded(fn):
 def prefill_impls():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.attention import attention_triton
-
     def sdpa(backend):
         def fn(q, k, v):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return fn
     return {"flash": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-            "triton": attention_triton}
+            "triton": ops.implementation("attention", "triton")}
 
 
 def prefill_inputs(B, S, D, grad):
@@ -143,7 +135,7 @@ def sdpa_decode(q, k_cache, v_cache, kv_len):
 
 
 def bench_decode(batches, contexts, copy_gbs):
-    impls = {"triton": lookup("decode", "decode_attention", "triton"), "sdpa": sdpa_decode}
+    impls = {"triton": ops.implementation("decode_attention", "triton"), "sdpa": sdpa_decode}
     rows = []
     cols = ["impl", "batch", "context", "us", "GB/s", "frac_copy"]
     print(f"\n## Decode attention ({HEADS} heads, head_dim {HEAD_DIM}, bf16): bytes = K/V read + q + out\n")
@@ -153,15 +145,12 @@ def bench_decode(batches, contexts, copy_gbs):
             nbytes = 2 * B * HEADS * ctx * HEAD_DIM * 2 + 2 * B * HEADS * HEAD_DIM * 2
             for name, fn in impls.items():
                 row = dict(impl=name, batch=B, context=ctx)
-                if fn is None:
-                    row["us"] = "skipped: not implemented"
+                ms, err = guarded(lambda: graph_ms(fn, decode_sets(B, ctx, nbytes)))
+                if ms:
+                    gbs = nbytes / ms / 1e6
+                    row.update({"us": ms * 1e3, "GB/s": gbs, "frac_copy": gbs / copy_gbs})
                 else:
-                    ms, err = guarded(lambda: graph_ms(fn, decode_sets(B, ctx, nbytes)))
-                    if ms:
-                        gbs = nbytes / ms / 1e6
-                        row.update({"us": ms * 1e3, "GB/s": gbs, "frac_copy": gbs / copy_gbs})
-                    else:
-                        row["us"] = err
+                    row["us"] = err
                 rows.append(row)
                 print(markdown_table([row], cols).splitlines()[-1], flush=True)
     return rows
@@ -198,21 +187,19 @@ def bench_elementwise(B, S, copy_gbs):
 
     def record(op, impl, shape, fn, make_sets, count_bytes, how):
         row = dict(op=op, impl=impl, shape=shape)
-        if fn is None:
-            row["us"] = "skipped: not implemented"
+
+        def measure():
+            sets = make_sets()
+            nbytes = count_bytes(fn, sets[0])
+            ms = graph_ms(fn, sets)
+            return ms, nbytes
+        res, err = guarded(measure)
+        if res:
+            ms, nbytes = res
+            gbs = nbytes / ms / 1e6
+            row.update({"us": ms * 1e3, "GB/s": gbs, "frac_copy": gbs / copy_gbs, "bytes counted": how(fn)})
         else:
-            def measure():
-                sets = make_sets()
-                nbytes = count_bytes(fn, sets[0])
-                ms = graph_ms(fn, sets)
-                return ms, nbytes
-            res, err = guarded(measure)
-            if res:
-                ms, nbytes = res
-                gbs = nbytes / ms / 1e6
-                row.update({"us": ms * 1e3, "GB/s": gbs, "frac_copy": gbs / copy_gbs, "bytes counted": how(fn)})
-            else:
-                row["us"] = err
+            row["us"] = err
         rows.append(row)
         print(markdown_table([row], cols).splitlines()[-1], flush=True)
 
@@ -243,7 +230,7 @@ def bench_elementwise(B, S, copy_gbs):
 
     for impl in ("triton", "torch"):
         record("rotary", impl, f"q,k [{B},{S},{HEADS},{HEAD_DIM}] rotary_dim {ROTARY_DIM}",
-               lookup("rotary", "rotary", impl), rotary_sets, rotary_count, rotary_how)
+               ops.implementation("rotary", impl), rotary_sets, rotary_count, rotary_how)
 
     def norm_sets(residual):
         def make():
@@ -262,7 +249,7 @@ def bench_elementwise(B, S, copy_gbs):
         streams = 4 if residual else 2
         for impl in ("triton", "torch"):
             record("layer_norm" + ("+residual" if residual else ""), impl, f"x [{tokens},{HIDDEN}]",
-                   lookup("norm", "layer_norm", impl), norm_sets(residual),
+                   ops.implementation("layer_norm", impl), norm_sets(residual),
                    lambda fn, ex, s=streams: s * tokens * HIDDEN * 2 + 2 * HIDDEN * 2,
                    lambda fn, residual=residual: ("x, residual read; y, sum written" if residual else
                                                   "x read, y written") + "; weight, bias read")
@@ -277,7 +264,7 @@ def bench_elementwise(B, S, copy_gbs):
 
     for impl in ("triton", "torch"):
         record("swiglu", impl, f"gate, up [{tokens},{INTERMEDIATE}] (views of one gate_up tensor)",
-               lookup("mlp", "swiglu", impl), swiglu_sets, lambda fn, ex: 3 * tokens * INTERMEDIATE * 2,
+               ops.implementation("swiglu", impl), swiglu_sets, lambda fn, ex: 3 * tokens * INTERMEDIATE * 2,
                lambda fn: "gate, up read; out written")
     return rows
 
