@@ -1,0 +1,418 @@
+"""Skinny matmul for decode: out[M, N] = x[M, K] @ W[N, K]^T with M small (1..64), W bf16/fp16/fp32 or weight-only
+int8 / int4 in kernels/quant.py's formats, dequantised in registers. Memory bound: the weight read is the cost.
+
+Op (stablelm.ops.linear): linear(x, weight, bias) -> F.linear(x, weight, bias), x [..., K], weight [N, K] in x's
+dtype, bias [N] or None, output [..., N] in x's dtype. "torch" is F.linear (cuBLAS on CUDA); "triton" runs the
+kernels below when the flattened M is at most MAX_M and falls back to F.linear otherwise (prefill).
+Quantized weights reach the same kernels through quant_gemv, which kernels/quant.py's quant_linear calls for
+small M (same arguments and formats as quant_linear; reference: kernels.quant.quant_linear_ref).
+
+Weight formats read here (kernels/quant.py's docstring is the definition; nothing is re-laid at conversion):
+  bits 16  weight [N, K] in x's dtype, rows contiguous.
+  bits 8   qweight int8 [N, K], scales [N].
+  bits 4   qweight uint8 [N, K // 2] (low nibble = even k), scales / zeros [N, K // group_size]. The kernels read
+           it as little-endian int32 words [N, K // 8]: word w of a row holds the codes of k = 8w .. 8w + 7 in
+           nibbles 0..7 (bits 4j..4j+3), so one 4-byte load yields 8 consecutive codes and no shuffle is needed.
+
+Two kernels, both one program per (BLOCK_N rows of W) x (M block) x (K split), the weight tile loaded once with
+wide loads and dequantised in registers:
+  _gemv_fma_kernel  BLOCK_M == 1, CUDA cores: one row of x per program; a [BLOCK_N, BLOCK_K] float32 accumulator
+                    (elementwise FMAs across the loop, one reduction at the end, no shuffles inside the loop).
+                    Codes become floats by the exponent trick (code | 0x4B000000 read as float32 is 2^23 + code;
+                    int8: code + 0x4B400000 is 1.5 * 2^23 + code) instead of int->float conversions, which issue
+                    at a quarter of the FMA rate on sm_90.
+  _gemv_dot_kernel  BLOCK_M >= 16, tensor cores (tl.dot, float32 accumulation): the weight tile is dequantised to
+                    x's dtype (int8 codes are exact in bf16/fp16; int4 codes as 128 + code by the same exponent
+                    trick, corrected by 128 * sum(x) in the group's epilogue), scales applied per group / row.
+K splits (split_k > 1) write float32 partials that _split_sum_kernel adds in split order (deterministic); bias is
+added once at the end. Tiling is a heuristic (choose_config) measured on an H200 by bench/gemv_sweep.py, so no
+autotuning happens inside CUDA-graph capture; gemv() also takes an explicit GemvConfig for tests and sweeps.
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_M = 64  # above this the matmul is no longer bound by the weight read: F.linear / the tiled quant matmul
+
+# Exponent-trick constants (see the module docstring).
+_F32_MAGIC = 0x4B000000  # bits of 2^23 as float32
+_F32_MAGIC_S8 = 0x4B400000  # bits of 1.5 * 2^23 as float32
+
+
+def linear_ref(x, weight, bias=None):
+    """Reference of the linear op: F.linear (float math of x's dtype; cuBLAS on CUDA)."""
+    return F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _fma_float_tile(x_row, w_rows, k0, K, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32 products x * w of float weights (MASKED: k >= K contributes 0)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if MASKED:
+        k_ok = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    else:
+        x = tl.load(x_row + offs_k)
+        w = tl.load(w_rows + offs_k[None, :])
+    return w.to(tl.float32) * x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _fma_int8_tile(x_row, w_rows, k0, K, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32 products x * code of int8 codes (the per-row scale is applied at the end)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if MASKED:
+        k_ok = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        c = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0)
+    else:
+        x = tl.load(x_row + offs_k)
+        c = tl.load(w_rows + offs_k[None, :])
+    code = (c.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return code * x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _gemv_fma_kernel(X, W, S, Z, BIAS, OUT, N, K, k_split, sxm, swn, ssn, ssg, som, sos,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), M, splits). OUT [M, N] (PARTIAL: float32 [splits, M, N], bias left out).
+
+    k_split is a multiple of BLOCK_K; only the tile that reaches K is masked (int4: K % BLOCK_K == 0 always).
+    Rows past N are clamped to row N - 1 so every weight load is unmasked along N; they are not stored.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_row = X + pid_m * sxm
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
+    k_full = k_begin + ((k_end - k_begin) // BLOCK_K) * BLOCK_K
+    if BITS == 4:
+        # W is int32 words [N, K // 8]; a tile is [BLOCK_N, BLOCK_K // 8] words -> [BLOCK_N, BLOCK_K // 8, 8] codes.
+        # BLOCK_K divides GROUP, so a tile has one scale / zero per row.
+        WORDS: tl.constexpr = BLOCK_K // 8
+        w_rows = W + rows[:, None] * swn
+        shifts = (tl.arange(0, 8) * 4)[None, None, :]
+        x_offs = tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        acc = tl.zeros((BLOCK_N, WORDS, 8), dtype=tl.float32)
+        for k0 in range(k_begin, k_full, BLOCK_K):
+            words = tl.load(w_rows + (k0 // 8 + tl.arange(0, WORDS))[None, :])
+            codes = (words[:, :, None] >> shifts) & 15
+            code = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            g = k0 // GROUP
+            scale = tl.load(S + rows * ssn + g * ssg).to(tl.float32)
+            zero = tl.load(Z + rows * ssn + g * ssg).to(tl.float32)
+            w = code * scale[:, None, None] + zero[:, None, None]
+            x = tl.load(x_row + k0 + x_offs).to(tl.float32)
+            acc += w * x[None, :, :]
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        w_rows = W + rows[:, None] * swn
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_begin, k_full, BLOCK_K):
+            if BITS == 8:
+                acc += _fma_int8_tile(x_row, w_rows, k0, K, False, BLOCK_K)
+            else:
+                acc += _fma_float_tile(x_row, w_rows, k0, K, False, BLOCK_K)
+        if k_full < k_end:
+            if BITS == 8:
+                acc += _fma_int8_tile(x_row, w_rows, k_full, K, True, BLOCK_K)
+            else:
+                acc += _fma_float_tile(x_row, w_rows, k_full, K, True, BLOCK_K)
+        out = tl.sum(acc, axis=1)
+        if BITS == 8:
+            out *= tl.load(S + rows * ssn).to(tl.float32)
+    if PARTIAL:
+        tl.store(OUT + pid_k * sos + pid_m * som + offs_n, out, mask=n_ok)
+    else:
+        if HAS_BIAS:
+            out += tl.load(BIAS + rows).to(tl.float32)
+        tl.store(OUT + pid_m * som + offs_n, out.to(OUT.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dot_weight_tile(W, rows, k0, K, swn, MASKED: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
+                     DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile in DTYPE: float weights as stored, int8 codes exactly, int4 codes as
+    128 + code when MAGIC (1: bf16 bits 0x4300 | code; 2: fp16 bits 0x5800 | code << 3), else as code."""
+    if BITS == 4:
+        WORDS: tl.constexpr = BLOCK_K // 8
+        words = tl.load(W + rows[:, None] * swn + (k0 // 8 + tl.arange(0, WORDS))[None, :])
+        codes = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15
+        codes = tl.reshape(codes, (rows.shape[0], BLOCK_K))
+        if MAGIC == 1:
+            w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        elif MAGIC == 2:
+            w = ((codes << 3) | 0x5800).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            w = codes.to(tl.float32).to(DTYPE)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if MASKED:
+            w = tl.load(W + rows[:, None] * swn + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
+        else:
+            w = tl.load(W + rows[:, None] * swn + offs_k[None, :])
+        w = w.to(DTYPE)
+    return w
+
+
+@triton.jit
+def _dot_step(acc, x, w, S, Z, rows, k0, ssn, ssg, BITS: tl.constexpr, GROUP: tl.constexpr,
+              MAGIC: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        prod = tl.dot(x, tl.trans(w), input_precision="ieee")
+    else:
+        prod = tl.dot(x, tl.trans(w))
+    if BITS == 4:
+        g = k0 // GROUP
+        scale = tl.load(S + rows * ssn + g * ssg).to(tl.float32)
+        zero = tl.load(Z + rows * ssn + g * ssg).to(tl.float32)
+        if MAGIC != 0:
+            zero = zero - 128.0 * scale  # the tile held 128 + code
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        acc += prod * scale[None, :] + x_sum[:, None] * zero[None, :]
+    else:
+        acc += prod
+    return acc
+
+
+@triton.jit
+def _gemv_dot_kernel(X, W, S, Z, BIAS, OUT, M, N, K, k_split, sxm, swn, ssn, ssg, som, sos,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                     MAGIC: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), splits); same outputs as _gemv_fma_kernel. Rows of x past M and
+    of W past N are clamped (loads stay unmasked) and not stored."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_rows = X + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * sxm
+    DTYPE: tl.constexpr = X.dtype.element_ty
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
+    k_full = k_begin + ((k_end - k_begin) // BLOCK_K) * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_full, BLOCK_K):
+        x = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :])
+        w = _dot_weight_tile(W, rows, k0, K, swn, False, BITS, MAGIC, DTYPE, BLOCK_K)
+        acc = _dot_step(acc, x, w, S, Z, rows, k0, ssn, ssg, BITS, GROUP, MAGIC, IEEE)
+    if k_full < k_end:  # never for int4 (K % BLOCK_K == 0)
+        offs_k = k_full + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+        w = _dot_weight_tile(W, rows, k_full, K, swn, True, BITS, MAGIC, DTYPE, BLOCK_K)
+        acc = _dot_step(acc, x, w, S, Z, rows, k_full, ssn, ssg, BITS, GROUP, MAGIC, IEEE)
+    if BITS == 8:
+        acc *= tl.load(S + rows * ssn).to(tl.float32)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    out = offs_m.to(tl.int64)[:, None] * som + offs_n[None, :]
+    if PARTIAL:
+        tl.store(OUT + pid_k * sos + out, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rows).to(tl.float32)[None, :]
+        tl.store(OUT + out, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(P, BIAS, OUT, MN, N, n_splits, sps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT.flat[i] = sum_s P[s].flat[i] (+ bias[i % N]) in split order; P is contiguous [splits, M, N]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(n_splits):
+        acc += tl.load(P + s * sps + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tiling. block_m 1: _gemv_fma_kernel (one x row per program); a power of two >= 16: _gemv_dot_kernel.
+    block_n, block_k: powers of two (block_k >= 16; int4: block_k divides group_size). split_k: an upper bound on
+    the K splits (splits that would get no tile are dropped)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+def check_config(cfg: GemvConfig, bits: int, group_size: int) -> None:
+    if not (cfg.block_m == 1 or (cfg.block_m >= 16 and _pow2(cfg.block_m))):
+        raise ValueError(f"gemv: block_m must be 1 or a power of two >= 16, got {cfg.block_m}")
+    if not (_pow2(cfg.block_n) and cfg.block_n >= (16 if cfg.block_m > 1 else 1)):
+        raise ValueError(f"gemv: block_n must be a power of two (>= 16 with block_m > 1), got {cfg.block_n}")
+    if not (_pow2(cfg.block_k) and cfg.block_k >= 16):
+        raise ValueError(f"gemv: block_k must be a power of two >= 16, got {cfg.block_k}")
+    if bits == 4 and group_size % cfg.block_k:
+        raise ValueError(f"gemv: int4 block_k {cfg.block_k} must divide group_size {group_size}")
+    if cfg.split_k < 1:
+        raise ValueError(f"gemv: split_k must be >= 1, got {cfg.split_k}")
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+# Measured tilings: (bits, M bucket = next power of two >= M, N, K) -> (block_m, block_n, block_k, split_k,
+# num_warps, num_stages), the fastest of bench/gemv_sweep.py's candidates on an H200 (int4 at group_size 128).
+# Shapes not listed take the heuristic below.
+TUNED: dict = {}
+
+
+def _m_bucket(M: int) -> int:
+    return 1 << (M - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> GemvConfig:
+    """Tiling from TUNED, else a heuristic (no autotuning, so a first call inside CUDA-graph capture is fine);
+    cached (call choose_config.cache_clear() after editing TUNED)."""
+    tuned = TUNED.get((bits, _m_bucket(M), N, K)) if device.type == "cuda" else None
+    if tuned is not None:
+        cfg = GemvConfig(*tuned)
+        if bits != 4 or group_size % cfg.block_k == 0:
+            return cfg
+    sms = _sm_count(device)
+    if M == 1:
+        if bits == 4:
+            block_n, block_k, warps = 64, min(128, group_size & -group_size), 4
+        elif bits == 8:
+            block_n, block_k, warps = 16, 512, 4
+        else:
+            block_n, block_k, warps = 8, 512, 4
+        block_m = 1
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(M)))
+        block_n, block_k, warps = 64, 128, 4
+        if bits == 4:
+            block_k = min(block_k, group_size & -group_size)
+    programs = triton.cdiv(N, block_n) * (M if block_m == 1 else triton.cdiv(M, block_m))
+    tiles = triton.cdiv(K, block_k)
+    # Memory bound: split K while there are fewer than ~2 programs per SM, keeping >= 4 K tiles per split.
+    split_k = max(1, min(triton.cdiv(2 * sms, programs), tiles // 4, 8))
+    return GemvConfig(block_m, block_n, block_k, split_k, warps)
+
+
+def _check_args(x2, weight, scales, zeros, bias, bits, group_size):
+    """(N, K) after validating gemv's arguments (quant formats as in kernels/quant.py)."""
+    if x2.dim() != 2 or x2.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"gemv: x must be a 2-D float tensor, got {x2.dtype} {tuple(x2.shape)}")
+    M, K = x2.shape
+    N = weight.shape[0]
+    if bits == 16:
+        if weight.dim() != 2 or weight.shape[1] != K or weight.dtype != x2.dtype:
+            raise ValueError(f"gemv: weight must be [N, K={K}] in x's dtype {x2.dtype}, got {weight.dtype} "
+                             f"{tuple(weight.shape)}")
+    elif bits == 8:
+        if weight.dtype != torch.int8 or weight.shape[1:] != (K,) or scales is None or scales.shape != (N,):
+            raise ValueError("gemv: int8 needs qweight int8 [N, K] and scales [N]")
+    elif bits == 4:
+        if (weight.dtype != torch.uint8 or weight.shape[1:] != (K // 2,) or K % group_size or group_size % 16
+                or scales is None or zeros is None or scales.shape != (N, K // group_size)
+                or zeros.shape != scales.shape):
+            raise ValueError("gemv: int4 needs qweight uint8 [N, K // 2], scales / zeros [N, K // group_size] "
+                             "with group_size a multiple of 16 dividing K")
+    else:
+        raise ValueError(f"gemv: bits must be 16, 8 or 4, got {bits!r}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"gemv: bias must be [N={N}], got {tuple(bias.shape)}")
+    return N, K
+
+
+def gemv(x2, weight, scales=None, zeros=None, bias=None, bits: int = 16, group_size: int = 128,
+         config: GemvConfig | None = None):
+    """x2 [M, K] -> [M, N] in x2's dtype: x2 @ dequant(weight)^T (+ bias). bits 16: weight [N, K] in x's dtype;
+    8 / 4: kernels/quant.py's formats. config None: choose_config's tiling."""
+    N, K = _check_args(x2, weight, scales, zeros, bias, bits, group_size)
+    M = x2.shape[0]
+    if config is None:
+        config = choose_config(M, N, K, bits, group_size, x2.device)
+    check_config(config, bits, group_size)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bits == 4:
+        weight = weight.view(torch.int32)  # [N, K // 8] little-endian words, 8 codes each
+        if scales.stride() != zeros.stride():
+            scales, zeros = scales.contiguous(), zeros.contiguous()
+    ssn, ssg = (0, 0) if scales is None else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
+    bk = config.block_k
+    tiles = triton.cdiv(K, bk)
+    k_split = triton.cdiv(tiles, config.split_k) * bk
+    n_splits = triton.cdiv(K, k_split)
+    target = out if n_splits == 1 else torch.empty((n_splits, M, N), dtype=torch.float32, device=x2.device)
+    dummy = x2
+    args = (x2, weight, scales if scales is not None else dummy, zeros if zeros is not None else dummy,
+            bias if bias is not None else dummy, target)
+    common = dict(BITS=bits, GROUP=group_size if bits == 4 else 1, HAS_BIAS=bias is not None,
+                  PARTIAL=n_splits > 1, BLOCK_N=config.block_n, BLOCK_K=bk,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    sos = target.stride(0) if n_splits > 1 else 0
+    if config.block_m == 1:
+        grid = (triton.cdiv(N, config.block_n), M, n_splits)
+        _gemv_fma_kernel[grid](*args, N, K, k_split, x2.stride(0), weight.stride(0), ssn, ssg, N, sos, **common)
+    else:
+        magic = {torch.bfloat16: 1, torch.float16: 2}.get(x2.dtype, 0) if bits == 4 else 0
+        grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), n_splits)
+        _gemv_dot_kernel[grid](*args, M, N, K, k_split, x2.stride(0), weight.stride(0), ssn, ssg, N, sos,
+                               MAGIC=magic, IEEE=x2.dtype == torch.float32, BLOCK_M=config.block_m, **common)
+    if n_splits > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(M * N, block),)](
+            target, bias if bias is not None else target, out, M * N, N, n_splits, target.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def quant_gemv(x, qweight, scales, zeros, bias, bits, group_size):
+    """quant_linear for small M (arguments validated by kernels/quant.py's quant_linear): x [..., K] -> [..., N]."""
+    K = x.shape[-1]
+    out = gemv(x.reshape(-1, K), qweight, scales, zeros, bias, bits, group_size)
+    return out.view(*x.shape[:-1], qweight.shape[0])
+
+
+def linear_triton(x, weight, bias=None):
+    """The linear op through gemv when the flattened M is at most MAX_M, else F.linear (cuBLAS)."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if (M == 0 or M > MAX_M or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype or weight.dim() != 2
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    out = gemv(x.reshape(M, K), weight, bias=bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+IMPLEMENTATIONS = {"linear": {"torch": linear_ref, "triton": linear_triton}}
