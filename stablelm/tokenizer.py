@@ -87,6 +87,8 @@ class _TokenizersBackend:
         from tokenizers import AddedToken
         self.tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token {token!r} cannot be added to the vocabulary")
         self.special.add(i)
         self.vocab_size = max(self.vocab_size, i + 1)
         return i
@@ -213,10 +215,12 @@ def _read_text(path: Path) -> str:
 
 def _token_text(value, path: Path, key: str) -> str | None:
     """A special token as written in a config: a string, an AddedToken dict ({"content": ...}) or null."""
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        value = value["content"]
+    if value == "":
+        raise TokenizerFileError(path, f"{key}: a special token cannot be the empty string")
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
     raise TokenizerFileError(path, f"{key}: expected a token string or {{'content': str}}, got {value!r}")
 
 
@@ -229,7 +233,7 @@ def _id_list(value, path: Path, key: str) -> list[int]:
     return values
 
 
-def _flag(config: dict, key: str, path: Path, default: bool) -> bool:
+def _flag(config: dict, key: str, path: Path, default: bool | None) -> bool | None:
     value = config.get(key, default)
     if value is None:
         return default
@@ -495,14 +499,22 @@ class Tokenizer:
             ids = ids_of[key + "_id"][0] or ids_of[key + "_id"][1]
             if tokens[key] is None and ids and 0 <= ids[0] < backend.vocab_size:
                 tokens[key] = backend.id_to_token(ids[0])
-        extra_eos = ids_of["eos_token_id"][0] + ids_of["eos_token_id"][1]
         flags = {} if isinstance(backend, _TokenizersBackend) else {
-            "add_bos": config.get("add_bos_token"), "add_eos": config.get("add_eos_token")}
-        return cls(backend, **tokens, extra_special_tokens=extra, **flags, chat_template=_chat_templates(d, config),
-                   extra_eos_ids=extra_eos, template_tokens=named,
-                   clean_up_tokenization_spaces=_flag(config, "clean_up_tokenization_spaces", config_path, False),
-                   clean_up_bpe=_flag(config, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
-                                      config_path, False))
+            "add_bos": _flag(config, "add_bos_token", config_path, None),
+            "add_eos": _flag(config, "add_eos_token", config_path, None)}
+        tok = cls(backend, **tokens, extra_special_tokens=extra, **flags, chat_template=_chat_templates(d, config),
+                  template_tokens=named,
+                  clean_up_tokenization_spaces=_flag(config, "clean_up_tokenization_spaces", config_path, False),
+                  clean_up_bpe=_flag(config, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+                                     config_path, False))
+        stops = list(tok.eos_ids)
+        for ids, where in zip(ids_of["eos_token_id"], (generation_path, model_path)):
+            for i in ids:
+                if not 0 <= i < tok.vocab_size:
+                    raise TokenizerFileError(where, f"eos_token_id {i} is outside the vocabulary [0, {tok.vocab_size})")
+                stops.append(i)
+        tok.eos_ids = tuple(dict.fromkeys(stops))
+        return tok
 
     # ------------------------------------------------ vocabulary
     @property

@@ -308,6 +308,9 @@ def test_sentencepiece_dir_flags(sp_file, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": True}))
     tok = Tokenizer.from_dir(d)
     assert tok.encode("the heart") == tok.encode("the heart", add_special_tokens=False) + [tok.eos_id]
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": "no"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: add_bos_token: expected true or false"):
+        Tokenizer.from_dir(d)
 
 
 # ---------------------------------------------------------------- chat template
@@ -458,3 +461,97 @@ def test_call_errors(bpe_files):
         tok.id_to_token(10**6)
     with pytest.raises(ValueError, match="negative"):
         tok.stream_decoder().push(-1)
+
+
+# ---------------------------------------------------------------- errors name the directory / file
+def test_from_dir_errors_name_the_directory_and_files(bpe_files, tmp_path):
+    from stablelm.tokenizer import TokenizerFileError
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError) as e:
+        Tokenizer.from_dir(missing)
+    assert str(missing) in str(e.value) and "tokenizer.json or tokenizer.model" in str(e.value)
+    assert "tokenizer directory" not in str(e.value)  # a model dir is not "a tokenizer directory"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        Tokenizer.from_dir(tmp_path / "file")
+    d = _write_dir(tmp_path / "weights-only", bpe_files["neox"])
+    (d / "tokenizer.json").unlink()
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer.json or tokenizer.model \(found: model.safet"):
+        Tokenizer.from_dir(d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "config.json"):
+        d = _write_dir(tmp_path / f"bad-{name}", bpe_files["neox"])
+        (d / name).write_text('{"truncated": ')
+        with pytest.raises(TokenizerFileError) as e:
+            Tokenizer.from_dir(d)
+        assert e.value.path == d / name and str(d / name) in str(e.value), name
+        assert e.value.__cause__ is None or not isinstance(e.value.__cause__, json.JSONDecodeError)
+
+
+# (file, corrupted value) pairs: each must load or raise TokenizerFileError naming that file
+BAD_FIELDS = [
+    ("tokenizer_config.json", {"eos_token": 7}),
+    ("tokenizer_config.json", {"eos_token": {"content": 7}}),
+    ("tokenizer_config.json", {"additional_special_tokens": "<|user|>"}),
+    ("tokenizer_config.json", {"additional_special_tokens": [3]}),
+    ("tokenizer_config.json", {"added_tokens_decoder": ["x"]}),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"5": {"content": None, "special": True}}}),
+    ("tokenizer_config.json", {"chat_template": {"a": 1}}),
+    ("tokenizer_config.json", {"clean_up_tokenization_spaces": "yes"}),
+    ("tokenizer_config.json", ["not", "an", "object"]),
+    ("tokenizer_config.json", {"eos_token": ""}),
+    ("tokenizer_config.json", {"extra_special_tokens": {"image_token": 3}}),
+    ("special_tokens_map.json", {"pad_token": ["x"]}),
+    ("generation_config.json", {"eos_token_id": "0"}),
+    ("generation_config.json", {"eos_token_id": [0, None]}),
+    ("generation_config.json", {"eos_token_id": [10 ** 9]}),
+    ("config.json", {"bos_token_id": 1.5}),
+]
+
+
+@pytest.mark.parametrize("name,content", BAD_FIELDS)
+def test_bad_config_fields_name_the_file(bpe_files, tmp_path, name, content):
+    from stablelm.tokenizer import TokenizerFileError
+    d = _write_dir(tmp_path / "ckpt", bpe_files["neox"])
+    (d / name).write_text(json.dumps(content))
+    with pytest.raises(TokenizerFileError) as e:
+        Tokenizer.from_dir(d)
+    assert e.value.path == d / name
+
+
+def test_corrupted_tokenizer_files_fuzz(bpe_files, tmp_path):
+    """Seeded corruption (truncation, byte flips, bytes spliced in) of tokenizer.json and tokenizer_config.json:
+    each case loads or raises TokenizerFileError naming the corrupted file; never another exception."""
+    from stablelm.tokenizer import TokenizerFileError
+    rng = random.Random(1234)
+    config = json.dumps({"bos_token": EOS, "eos_token": EOS, "chat_template": ZEPHYR_TEMPLATE,
+                         "added_tokens_decoder": {"0": {"content": EOS, "special": True}}}).encode()
+    originals = {"tokenizer.json": bpe_files["neox"].read_bytes(), "tokenizer_config.json": config}
+    cases = loaded = 0
+    for name, data in originals.items():
+        for k in range(60):
+            b = bytearray(data)
+            kind = k % 3
+            if kind == 0:
+                b = b[:rng.randrange(len(b))]
+            elif kind == 1:
+                for _ in range(rng.randint(1, 8)):
+                    b[rng.randrange(len(b))] = rng.randrange(256)
+            else:
+                at = rng.randrange(len(b))
+                b[at:at] = rng.choice([b'"', b"{", b"]", b"null", b"\xff", b'"x":1,', b"-1"])
+            d = tmp_path / f"case-{name}-{k}"
+            d.mkdir()
+            (d / "tokenizer.json").write_bytes(originals["tokenizer.json"])
+            (d / "tokenizer_config.json").write_bytes(originals["tokenizer_config.json"])
+            (d / name).write_bytes(bytes(b))
+            cases += 1
+            try:
+                tok = Tokenizer.from_dir(d)
+            except TokenizerFileError as e:
+                assert e.path == d / name, (name, k, e)
+                continue
+            loaded += 1
+            tok.decode(tok.encode("the heart 😀"))
+    assert cases == 120 and loaded < cases
