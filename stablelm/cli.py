@@ -1,4 +1,4 @@
-"""Command line: `python -m stablelm generate | convert | info`.
+"""Command line: `python -m stablelm generate | convert | info | check-op`.
 
     python -m stablelm generate --model DIR --prompt "..." [--max-new-tokens N] [--temperature T] [--top-k K]
                                 [--top-p P] [--repetition-penalty R] [--num-beams N] [--seed S] [--chat]
@@ -6,6 +6,7 @@
     python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
     python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4] [--group-size G] [--to-hf] [--overwrite]
     python -m stablelm info --model DIR
+    python -m stablelm check-op OP MODULE:FUNCTION [--device cpu|cuda] [--json OUT] [--seeds N] [--model] [--speed]
 
 Generated text streams to stdout as tokens arrive (beam search prints at the end, with a progress bar); notes,
 timings and tokens/s go to stderr, so stdout holds only the text.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import oplab
 from .checkpoint import DTYPES, FORMAT, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir
 from .config import StableLMConfig, preset
 from .convert import project_shapes, weight_files
@@ -276,10 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True)
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(handler=cmd_info, subparser=i)
+
+    k = sub.add_parser("check-op", help="check an implementation of an op: its contract, the whole model, speed",
+                       description=oplab.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    oplab.add_arguments(k)
+    k.set_defaults(handler=lambda args, parser: oplab.run(args, ["stablelm", *args.argv]), subparser=k)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # check-op re-executes itself with them under the Triton interpreter on the CPU
     return args.handler(args, args.subparser)
