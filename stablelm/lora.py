@@ -1,0 +1,116 @@
+"""LoRA (low-rank adapters) for nn.Linear layers and the fine-tuning recipe shared by every trainer here.
+
+`apply_lora(module, targets, r, alpha, dropout)` wraps every nn.Linear whose qualified name ends with one of
+`targets`; a target may name output ranges, so a fused projection (our [q; k; v] `qkv`) can get adapters on q and
+v only, like LoRA on separate q_proj / v_proj layers. The base weight is frozen; B starts at zero so a fresh
+adapter leaves the model's output unchanged. `LM_TARGETS` are the decoder's linears; `make_optimizer` is the
+AdamW + cosine decay the report model trains with, and `trainable_state_dict` what its checkpoints keep. It lives
+in stablelm/ (not vision/) so the classification heads and the report model train through the same code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 out_ranges: list[tuple[int, int]] | None = None):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.out_ranges = out_ranges or [(0, base.out_features)]
+        for lo, hi in self.out_ranges:
+            if not 0 <= lo < hi <= base.out_features:
+                raise ValueError(f"LoRA output range {(lo, hi)} outside 0..{base.out_features}")
+        covered = sum(hi - lo for lo, hi in self.out_ranges)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(covered, r, device=w.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        out = self.base(x)
+        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
+        delta = (h @ self.lora_B.t() * self.scale).to(out.dtype)
+        if self.out_ranges == [(0, self.base.out_features)]:
+            return out + delta
+        pieces, at, col = [], 0, 0
+        for lo, hi in self.out_ranges:
+            if lo > at:
+                pieces.append(torch.zeros_like(out[..., at:lo]))
+            pieces.append(delta[..., col:col + hi - lo])
+            col += hi - lo
+            at = hi
+        if at < self.base.out_features:
+            pieces.append(torch.zeros_like(out[..., at:]))
+        return out + torch.cat(pieces, dim=-1)
+
+
+def apply_lora(module: nn.Module, targets: dict[str, list[tuple[int, int]] | None], r: int, alpha: float,
+               dropout: float = 0.0) -> list[str]:
+    """Wrap each nn.Linear whose name ends with a key of `targets` (value: output ranges or None for all).
+    Returns the wrapped names; raises if a target matched nothing (a typo would otherwise train nothing)."""
+    wrapped, hit = [], set()
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, nn.Linear):
+            continue
+        for suffix, ranges in targets.items():
+            if name == suffix or name.endswith("." + suffix):
+                parent_name, _, attr = name.rpartition(".")
+                parent = module.get_submodule(parent_name) if parent_name else module
+                setattr(parent, attr, LoRALinear(child, r, alpha, dropout, ranges))
+                wrapped.append(name)
+                hit.add(suffix)
+                break
+    missing = set(targets) - hit
+    if missing:
+        raise ValueError(f"LoRA targets matched no nn.Linear: {sorted(missing)}")
+    return wrapped
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for m in module.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+
+
+# Every linear of a decoder layer (the report model's `--lm-mode lora` and the classifiers' LoRA).
+LM_TARGETS: dict[str, list[tuple[int, int]] | None] = {"attn.qkv": None, "attn.o": None, "mlp.gate_up": None,
+                                                       "mlp.down": None}
+
+
+def trainable_state_dict(module: nn.Module) -> dict:
+    """Only the tensors that train (requires_grad): what a fine-tuning checkpoint needs beyond the base."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {n: t for n, t in module.state_dict().items() if n in names}
+
+
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float, total_steps: int, min_lr_ratio=0.01):
+    """AdamW over the trainable parameters with cosine decay from lr to min_lr_ratio * lr over total_steps."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter has requires_grad")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def cosine(step):
+        progress = min(step / max(total_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
