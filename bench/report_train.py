@@ -3,13 +3,13 @@
     python -m bench.report_train [--batch-size 8] [--steps 10] [--out bench/results/report_train_h200.json]
     python -m bench.report_train --tiny        # tiny LM + tiny Swin on the CPU in fp32 (smoke run)
 
-Ours: vision.train.build_model with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder
+Ours: vision.pipeline.build_model with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder
 (bf16), LoRA on the LM (r 16, alpha 16, dropout 0.1), frozen encoder, projector trained in float32, the default
 `stablelm.ops` (Triton on CUDA). Transformers: the same ReportModel prompt wrap, labels and loss around
 transformers' StableLmForCausalLM (sdpa, our LM weights projected with project_to_hf) and SwinModel, LoRA via
 peft (vision.lora.apply_lora on the same layers where peft is missing). The Swin weights are identical too:
-transformers' random SwinModel init is converted into our encoder (vision.swin.convert_hf_state_dict), and our
-projector is copied into theirs, so the step-0 losses (eval mode, no dropout) should agree to bf16 rounding.
+transformers' random SwinModel init is converted into our encoder (vision.swin_checkpoint.convert_hf_state_dict),
+and our projector is copied into theirs, so the step-0 losses (eval mode, no dropout) should agree to bf16 rounding.
 
 One step = forward (loss) + backward + AdamW step + zero_grad on B studies of 2 random 224x224 images and
 synthetic reports of ~60 words (max_length 100 report tokens). Each implementation runs in its own phase (the
@@ -20,6 +20,7 @@ optimizer state, activations), trainable parameters. speedup = transformers step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import math
@@ -33,12 +34,13 @@ from torch import nn
 from bench.common import bench_device, environment, markdown_table, time_cuda, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
+from stablelm.lora import make_optimizer
 from stablelm.tokenizer import Tokenizer
 from vision.lora import apply_lora
+from vision.pipeline import ENCODER_PRESETS, build_model, build_tokenizer
 from vision.report_model import ReportConfig, ReportModel
-from vision.swin import convert_hf_state_dict
+from vision.swin_checkpoint import convert_hf_state_dict
 from vision.synthetic import sample_findings, write_report
-from vision.train import ENCODER_PRESETS, build_model, build_tokenizer, make_optimizer
 
 IMAGES_PER_STUDY = 2
 REPORT_WORDS = 60
@@ -126,7 +128,7 @@ def build_transformers(lm_weights: dict, lm_config, swin_state: dict, encoder_co
         swin = SwinModel(SwinConfig(**encoder_config.to_dict())).to(dtype)
     swin.load_state_dict(swin_state)
     # lm_mode "frozen": ReportModel freezes both models and trains the projector; LoRA goes on below.
-    frozen = ReportConfig(**{**report.to_dict(), "lm_mode": "frozen", "encoder_mode": "frozen"})
+    frozen = dataclasses.replace(report, lm_mode="frozen", encoder_mode="frozen")
     model = ReportModel(HFSwinEncoder(swin), HFLanguageModel(hf_lm), tokenizer, frozen).to(device)
     model.proj.load_state_dict(projector["proj"])
     model.proj_norm.load_state_dict(projector["proj_norm"])

@@ -4,13 +4,14 @@ import json
 import pytest
 import torch
 
+from stablelm.lora import make_optimizer
 from vision import evaluate as evaluate_script
 from vision import synthetic
 from vision import train as train_script
 from vision.data import ReportDataset, collate_reports, load_annotation
 from vision.lora import LoRALinear
-from vision.report_model import ReportConfig
-from vision.train import build_model, build_tokenizer, evaluate, load_trained, make_optimizer, save_checkpoint
+from vision.pipeline import build_model, build_tokenizer, evaluate, load_trained, save_checkpoint
+from vision.report_model import ReportConfig, report_generation
 
 GEN = dict(num_beams=1, min_new_tokens=0, max_new_tokens=40)
 
@@ -30,7 +31,8 @@ def tokenizer_dir(synth, tmp_path_factory):
 
 def spec(tokenizer_dir, **report):
     return {"lm": None, "lm_preset": "tiny", "encoder": None, "encoder_preset": "tiny", "tokenizer": tokenizer_dir,
-            "seed": 0, "report": {**ReportConfig(max_length=40, **GEN).to_dict(), **report}, "dataset": "iu_xray",
+            "seed": 0, "report": {**ReportConfig(max_length=40, generation=report_generation().replace(**GEN)).to_dict(),
+                                  **report}, "dataset": "iu_xray",
             "precision": "fp32"}
 
 

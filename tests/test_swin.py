@@ -1,5 +1,6 @@
-"""vision/swin.py: parity with transformers' SwinModel (fp32, eval and seeded train mode), checkpoint conversion and
-its errors, the converted format, gradient checkpointing, the window-shrink rule, LoRA targets, presets."""
+"""vision/swin.py + swin_checkpoint.py: parity with transformers' SwinModel (fp32, eval and seeded train mode),
+checkpoint conversion and its errors, the converted format, gradient checkpointing, the window-shrink rule, LoRA
+targets, presets."""
 import json
 
 import pytest
@@ -9,10 +10,10 @@ from transformers import SwinConfig as HFSwinConfig
 from transformers import SwinForImageClassification, SwinModel
 
 from stablelm.checkpoint import CheckpointError
-from vision import swin
+from vision import swin, swin_checkpoint
 from vision.lora import apply_lora
-from vision.swin import (SwinConfig, SwinEncoder, convert_hf_state_dict, load_converted, load_hf_swin,
-                         save_converted, swin_base_224, swin_tiny_test)
+from vision.swin import SwinConfig, SwinEncoder, swin_base_224, swin_tiny_test
+from vision.swin_checkpoint import convert_hf_state_dict, load_converted, load_hf_swin, save_converted
 
 FP32_ATOL = 1e-4
 
@@ -155,7 +156,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(swin, "save_file", fail)
+    monkeypatch.setattr(swin_checkpoint, "save_file", fail)
     with pytest.raises(KeyboardInterrupt):
         save_converted(SwinEncoder(swin_tiny_test()), tmp_path / "conv")
     assert list(tmp_path.iterdir()) == []

@@ -9,13 +9,13 @@ stablelm.generate with input embeddings, so it uses the same KV cache, kernels a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stablelm.generate import generate
+from stablelm.generate import GenerationConfig, generate
 
 from .lora import apply_lora
 
@@ -23,27 +23,32 @@ PROMPT_TEMPLATE = "Human: <Img><ImageHere></Img> {instruction} \nAssistant:"
 DEFAULT_INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
 ENCODER_MODES = ("frozen", "lora")
 LM_MODES = ("frozen", "lora", "full")
+# GenerationConfig fields ReportModel.generate sets itself (both to the tokenizer's end id).
+GENERATION_SET_BY_MODEL = ("stop_ids", "pad_id")
+
+
+def report_generation() -> GenerationConfig:
+    """R2GenGPT's decoding (beams 3, 80..120 new tokens) with the integration guide's repetition penalty 1.2.
+    stop_ids / pad_id stay unset (GENERATION_SET_BY_MODEL)."""
+    return GenerationConfig(num_beams=3, min_new_tokens=80, max_new_tokens=120, repetition_penalty=1.2)
 
 
 @dataclass
 class ReportConfig:
-    instruction: str = DEFAULT_INSTRUCTION
-    global_only: bool = False            # one pooled visual token instead of the patch tokens
-    encoder_mode: str = "frozen"
-    lm_mode: str = "frozen"
-    lora_r: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    vis_lora_r: int = 16
-    vis_lora_alpha: float = 16.0
-    vis_lora_dropout: float = 0.1
-    max_length: int = 100                # report tokens (incl. the end token) during training
-    num_beams: int = 3
-    min_new_tokens: int = 80
-    max_new_tokens: int = 120
-    repetition_penalty: float = 1.2
-    length_penalty: float = 1.0
-    gradient_checkpointing: bool = False
+    """The report model's settings. `help` metadata is what the CLIs show (vision.cli builds flags from fields)."""
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "the prompt's instruction"})
+    global_only: bool = field(default=False, metadata={"help": "one pooled visual token instead of the patch tokens"})
+    encoder_mode: str = field(default="frozen", metadata={"choices": ENCODER_MODES, "help": "what trains in Swin"})
+    lm_mode: str = field(default="frozen", metadata={"choices": LM_MODES, "help": "what trains in the LM"})
+    lora_r: int = field(default=16, metadata={"help": "LM LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LM LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LM LoRA dropout"})
+    vis_lora_r: int = field(default=16, metadata={"help": "encoder LoRA rank"})
+    vis_lora_alpha: float = field(default=16.0, metadata={"help": "encoder LoRA alpha"})
+    vis_lora_dropout: float = field(default=0.1, metadata={"help": "encoder LoRA dropout"})
+    max_length: int = field(default=100, metadata={"help": "report tokens (incl. the end token) in training"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    generation: GenerationConfig = field(default_factory=report_generation)
 
     def __post_init__(self):
         if self.encoder_mode not in ENCODER_MODES:
@@ -54,7 +59,19 @@ class ReportConfig:
             raise ValueError(f"max_length={self.max_length}: must be >= 2 (a report token and the end token)")
 
     def to_dict(self) -> dict:
+        """JSON-ready fields, `generation` as a nested dict (from_dict reads it back)."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReportConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ReportConfig: unknown fields {unknown}; valid fields: {sorted(names)}")
+        d = dict(d)
+        if "generation" in d:
+            d["generation"] = GenerationConfig().replace(**d["generation"])
+        return cls(**d)
 
 
 class ReportModel(nn.Module):
@@ -161,14 +178,11 @@ class ReportModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, image_mask=None, **overrides) -> list[str]:
-        """Reports for a batch of studies (beam search by default; overrides go to stablelm.generate)."""
-        c = self.config
-        kw = dict(num_beams=c.num_beams, min_new_tokens=c.min_new_tokens, max_new_tokens=c.max_new_tokens,
-                  repetition_penalty=c.repetition_penalty, length_penalty=c.length_penalty,
-                  stop_ids=[self.end_id], pad_id=self.end_id)
-        kw.update(overrides)
+        """Reports for a batch of studies (config.generation, beam search by default; overrides change its
+        fields)."""
+        kw = {"stop_ids": [self.end_id], "pad_id": self.end_id, **overrides}
         embeds = self.prompt_embeds(self.encode_images(images, image_mask)).to(self.lm.embed.weight.dtype)
-        out = generate(self.lm, input_embeds=embeds, **kw)
+        out = generate(self.lm, input_embeds=embeds, config=self.config.generation, **kw)
         texts = []
         for row in out.tolist():
             if self.end_id in row:
