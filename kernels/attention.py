@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, INTERPRET
 
 _LOG2E = 1.4426950408889634
@@ -65,6 +66,73 @@ def attention_sdpa(q, k, v, kv_start=None, causal=True, scale=None):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
     # Fully masked rows come back as NaN from SDPA; the contract says zeros.
     return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of attention passes
+
+def _attention_inputs(case, seed, device):
+    """q, k, v as the model passes them (transposed views of [B, S, H, D]) or contiguous [B, H, S, D];
+    kv_start with row 0 unpadded and the others padded at random (some query rows then see no key)."""
+    p = case.params
+    B, Hq, Hkv, Sq, Sk, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Sk"], p["D"]
+    gen = _c.generator(case, seed)
+
+    def one(H, S):
+        if not p.get("contig"):
+            return _c.randn(gen, B, S, H, D, dtype=case.dtype, device=device).transpose(1, 2)
+        return _c.randn(gen, B, H, S, D, dtype=case.dtype, device=device)
+
+    q, k, v = one(Hq, Sq), one(Hkv, Sk), one(Hkv, Sk)
+    kv_start = None
+    if p.get("pad"):
+        kv_start = _c.randint(gen, 0, Sk, (B,), device=device)
+        kv_start[0] = 0
+    return dict(q=q, k=k, v=v, kv_start=kv_start, causal=not p.get("noncausal"), scale=p.get("scale"))
+
+
+def _attention_grid():
+    grid = []
+    for D in (64, 80, 128):
+        for Hq, Hkv in ((4, 4), (4, 2), (8, 1)):
+            # plain prefill (odd, several key blocks), one token, a prefill continuing a cache (Sq < Sk)
+            for Sq, Sk in ((37, 37), (1, 1), (13, 45), (130, 130)):
+                for pad in (False, True):
+                    grid.append(dict(B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, pad=pad))
+    grid += [dict(B=2, Hq=4, Hkv=2, Sq=21, Sk=21, D=80, noncausal=True),  # non-causal, explicit scale, contiguous
+             dict(B=2, Hq=4, Hkv=2, Sq=19, Sk=19, D=80, pad=True, scale=0.05, contig=True)]
+    return grid
+
+
+_ATTENTION_TOL = {torch.float32: _c.Tol(2e-5, 1e-4), torch.float16: _c.Tol(1e-2, 1e-2),
+                  torch.bfloat16: _c.Tol(2e-2, 2e-2)}
+# Gradients sum over every query row (dk, dv: and over the GQA group's heads): their rounding follows the size of
+# the summed terms, so the 16-bit atol is relative to the tensor's largest value (Tol.of_max).
+_ATTENTION_GRAD_TOL = {torch.float32: _c.Tol(1e-4, 1e-3), torch.float16: _c.Tol(5e-3, 2e-2, of_max=True),
+                       torch.bfloat16: _c.Tol(2e-2, 5e-2, of_max=True)}
+_ATTENTION_CPU = {
+    "B2-Hq4-Hkv2-Sq37-Sk37-D80-pad-fp32", "B2-Hq8-Hkv1-Sq13-Sk45-D64-pad-fp16", "B2-Hq4-Hkv4-Sq1-Sk1-D128-fp16",
+    "B2-Hq4-Hkv2-Sq21-Sk21-D80-noncausal-fp32",
+    "B2-Hq4-Hkv2-Sq19-Sk19-D80-pad-scale0.05-contig-fp32-grad"}
+
+
+def _attention_work(inputs):
+    q, k = inputs["q"], inputs["k"]
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    # Causal: about half of the Sq x Sk products are visible (bottom-right aligned), two matmuls of 2*D flops each.
+    pairs = Sq * Sk - (Sq * (Sq - 1)) // 2 if inputs["causal"] else Sq * Sk
+    return {"flops": 4 * B * H * pairs * D}
+
+
+CONTRACTS = {"attention": _c.Contract(
+    op="attention", reference=attention_ref, make_inputs=_attention_inputs,
+    cases=_c.make_cases(_attention_grid(), _c.FLOAT_DTYPES, grad=(False, True), cpu=_ATTENTION_CPU),
+    tol=_ATTENTION_TOL, grad_tol=_ATTENTION_GRAD_TOL, grad_inputs=("q", "k", "v"),
+    bench=[_c.Case("3b-prefill-B1-S4096", dict(B=1, Hq=32, Hkv=32, Sq=4096, Sk=4096, D=80), torch.bfloat16),
+           _c.Case("3b-prefill-B4-S1024-pad", dict(B=4, Hq=32, Hkv=32, Sq=1024, Sk=1024, D=80, pad=True),
+                   torch.bfloat16)],
+    work=_attention_work)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

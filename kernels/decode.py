@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, sm_count
 
 
@@ -55,6 +56,62 @@ def decode_attention_sdpa(q, k_cache, v_cache, kv_len, kv_start=None, scale=None
                                          scale=scale, enable_gqa=Hq != Hkv)[:, :, 0]
     # A sequence with no valid key comes back as NaN from SDPA; the contract says zeros.
     return out.masked_fill(~valid.any(-1)[:, None, None], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of decode_attention passes
+
+def _decode_inputs(case, seed, device):
+    """A random cache (slots past kv_len hold random values too: reading them shows); row 0 full, the other
+    rows at random lengths, with random left padding when `pad`."""
+    p = case.params
+    B, Hq, Hkv, T, D = p["B"], p["Hq"], p["Hkv"], p["T"], p["D"]
+    gen = _c.generator(case, seed)
+    q = _c.randn(gen, B, Hq, D, dtype=case.dtype, device=device)
+    k_cache = _c.randn(gen, B, Hkv, T, D, dtype=case.dtype, device=device)
+    v_cache = _c.randn(gen, B, Hkv, T, D, dtype=case.dtype, device=device)
+    kv_len = _c.randint(gen, 1, T + 1, (B,))
+    kv_len[0] = T
+    kv_start = None
+    if p.get("pad"):
+        kv_start = (torch.rand(B, generator=gen) * kv_len.float()).to(torch.int32)  # in [0, kv_len)
+        kv_start = kv_start.to(device)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, kv_len=kv_len.to(device), kv_start=kv_start,
+                scale=p.get("scale"))
+
+
+def _decode_grid():
+    grid = []
+    for D in (64, 80, 128):
+        for Hq, Hkv in ((4, 4), (4, 2), (8, 1), (32, 8)):
+            # T past 256 slots per split gives split-KV (two splits in the interpreter, more on a GPU)
+            for B, T in ((2, 1), (3, 17), (2, 300), (2, 1030), (1, 4100)):
+                for pad in (False, True):
+                    grid.append(dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, pad=pad))
+    grid.append(dict(B=2, Hq=4, Hkv=2, T=70, D=80, pad=True, scale=0.3))
+    return grid
+
+
+_DECODE_TOL = {torch.float32: _c.Tol(1e-5, 1e-5), torch.float16: _c.Tol(2e-3, 2e-3),
+               torch.bfloat16: _c.Tol(1e-2, 1.6e-2)}
+_DECODE_CPU = {"B2-Hq4-Hkv2-T300-D80-pad-fp32", "B3-Hq8-Hkv1-T17-D64-fp16", "B2-Hq4-Hkv4-T300-D128-fp16",
+               "B2-Hq4-Hkv2-T1-D80-fp32", "B2-Hq4-Hkv2-T70-D80-pad-scale0.3-fp16"}
+
+
+def _decode_work(inputs):
+    # The bytes a decode step must read: the valid K and V slots of each row, plus q and the output.
+    kc, q = inputs["k_cache"], inputs["q"]
+    valid = inputs["kv_len"].long() - (0 if inputs["kv_start"] is None else inputs["kv_start"].long())
+    per_slot = kc.shape[1] * kc.shape[3] * kc.element_size()
+    return {"bytes": 2 * int(valid.sum()) * per_slot + 2 * q.nbytes}
+
+
+CONTRACTS = {"decode_attention": _c.Contract(
+    op="decode_attention", reference=decode_attention_ref, make_inputs=_decode_inputs,
+    cases=_c.make_cases(_decode_grid(), _c.FLOAT_DTYPES, cpu=_DECODE_CPU), tol=_DECODE_TOL,
+    bench=[_c.Case("3b-B1-T4096", dict(B=1, Hq=32, Hkv=32, T=4096, D=80), torch.bfloat16),
+           _c.Case("3b-B8-T4096", dict(B=8, Hq=32, Hkv=32, T=4096, D=80), torch.bfloat16)],
+    work=_decode_work)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,12 +9,53 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, layout_error, row_layout
 
 
 def swiglu_ref(gate, up):
     """Reference: float32 math, output in gate's dtype. gate and up have the same shape (views are fine)."""
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of swiglu passes
+
+def _swiglu_inputs(case, seed, device):
+    """gate, up as the two halves of a fused gate_up projection output (`fused`, as the model passes them) or
+    contiguous; values spread over silu's curved range."""
+    p = case.params
+    B, S, inter = p["B"], p["S"], p["I"]
+    gen = _c.generator(case, seed)
+    if p.get("fused"):
+        gate, up = _c.randn(gen, B, S, 2 * inter, dtype=case.dtype, device=device, scale=3.0).split(inter, dim=-1)
+    else:
+        gate, up = (_c.randn(gen, B, S, inter, dtype=case.dtype, device=device, scale=3.0) for _ in range(2))
+    return dict(gate=gate, up=up)
+
+
+def _swiglu_grid():
+    return [dict(B=B, S=S, I=inter, fused=fused) for B, S, inter in ((2, 7, 176), (1, 33, 352), (3, 5, 6912),
+                                                                      (1, 1, 1000)) for fused in (True, False)]
+
+
+_SWIGLU_TOL = {torch.float32: _c.Tol(1e-5, 1e-5), torch.float16: _c.Tol(2e-3, 2e-3),
+               torch.bfloat16: _c.Tol(1e-2, 1.6e-2)}
+_SWIGLU_CPU = {"B2-S7-I176-fused-bf16", "B1-S33-I352-fp16", "B1-S1-I1000-fused-fp32", "B2-S7-I176-fused-fp32-grad",
+               "B1-S33-I352-bf16-grad"}
+
+
+def _swiglu_work(inputs):
+    return {"bytes": 3 * inputs["gate"].numel() * inputs["gate"].element_size()}
+
+
+CONTRACTS = {"swiglu": _c.Contract(
+    op="swiglu", reference=swiglu_ref, make_inputs=_swiglu_inputs,
+    cases=_c.make_cases(_swiglu_grid(), _c.FLOAT_DTYPES, grad=(False, True), cpu=_SWIGLU_CPU),
+    tol=_SWIGLU_TOL, grad_tol=_SWIGLU_TOL, grad_inputs=("gate", "up"),
+    bench=[_c.Case("3b-prefill-16384x6912", dict(B=1, S=16384, I=6912, fused=True), torch.bfloat16),
+           _c.Case("3b-decode-8x6912", dict(B=8, S=1, I=6912, fused=True), torch.bfloat16)],
+    work=_swiglu_work)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, layout_error, row_layout, sm_count
 
 MAX_N = 16384  # one row must fit in registers (BLOCK_N = next_pow2(N))
@@ -34,6 +35,71 @@ def layer_norm_ref(x, weight, bias, eps, residual=None):
         y = y + bias.float()
     y = y.to(x.dtype)
     return y if residual is None else (y, s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of layer_norm passes
+
+def _layer_norm_inputs(case, seed, device):
+    """x with a non-zero mean (centring matters), weight near 1 and bias near 0 (random, never exactly 1 / 0).
+    `view`: x is a slice of a wider buffer (as the q part of a fused QKV projection is); `heads`: a per-head
+    LayerNorm over x [B, S, H, N] with weight [H, N] (qk_layernorm)."""
+    p = case.params
+    B, S, N, H = p["B"], p["S"], p["N"], p.get("heads")
+    gen = _c.generator(case, seed)
+    lead = (B, S, H) if H else (B, S)
+    wshape = (H, N) if H else (N,)
+    if p.get("view"):
+        x = _c.randn(gen, *lead, N + 16, dtype=case.dtype, device=device)[..., 8:N + 8]
+    else:
+        x = _c.randn(gen, *lead, N, dtype=case.dtype, device=device)
+    x = x + torch.tensor(0.5, dtype=case.dtype)
+    weight = 1 + _c.randn(gen, *wshape, dtype=case.dtype, device=device, scale=0.2)
+    bias = _c.randn(gen, *wshape, dtype=case.dtype, device=device, scale=0.2) if p.get("bias") else None
+    residual = _c.randn(gen, *lead, N, dtype=case.dtype, device=device) if p.get("residual") else None
+    return dict(x=x, weight=weight, bias=bias, eps=1e-5, residual=residual)
+
+
+def _layer_norm_grid():
+    grid = []
+    for B, S, N in ((2, 7, 64), (1, 33, 160), (3, 5, 2560), (1, 2, 6912)):
+        for residual in (False, True):
+            for bias in (True, False):
+                grid.append(dict(B=B, S=S, N=N, residual=residual, bias=bias, view=S % 2 == 1))
+    for H, N in ((4, 80), (8, 64)):  # qk_layernorm: per-head weights, no bias
+        grid.append(dict(B=2, S=5, N=N, heads=H, view=True))
+    return grid
+
+
+_LAYER_NORM_TOL = {torch.float32: _c.Tol(1e-5, 1e-5), torch.float16: _c.Tol(2e-3, 2e-3),
+                   torch.bfloat16: _c.Tol(2e-2, 1.6e-2)}
+# Gradients sum over rows (dweight, dbias), so a little looser than the forward.
+_LAYER_NORM_GRAD_TOL = {torch.float32: _c.Tol(1e-4, 1e-4), torch.float16: _c.Tol(4e-3, 4e-3),
+                        torch.bfloat16: _c.Tol(4e-2, 3e-2)}
+_LAYER_NORM_CPU = {"B2-S7-N64-residual-bias-view-bf16", "B1-S33-N160-bias-view-fp32", "B2-S5-N80-heads4-view-fp16",
+                   "B2-S7-N64-residual-bias-view-fp32-grad", "B1-S33-N160-view-bf16-grad",
+                   "B2-S5-N64-heads8-view-fp32-grad"}
+
+
+def _layer_norm_work(inputs):
+    x, r = inputs["x"], inputs["residual"]
+    n = 2 * x.numel() * x.element_size() if r is None else 4 * x.numel() * x.element_size()  # read(s), write(s)
+    return {"bytes": n}
+
+
+def _layer_norm_outputs(out, inputs):
+    return {"y": out[0], "sum": out[1]} if inputs["residual"] is not None else {"y": out}
+
+
+CONTRACTS = {"layer_norm": _c.Contract(
+    op="layer_norm", reference=layer_norm_ref, make_inputs=_layer_norm_inputs,
+    cases=_c.make_cases(_layer_norm_grid(), _c.FLOAT_DTYPES, grad=(False, True), cpu=_LAYER_NORM_CPU),
+    tol=_LAYER_NORM_TOL, grad_tol=_LAYER_NORM_GRAD_TOL, grad_inputs=("x", "weight", "bias", "residual"),
+    outputs=_layer_norm_outputs,
+    bench=[_c.Case("3b-prefill-16384x2560-residual", dict(B=1, S=16384, N=2560, residual=True, bias=True),
+                   torch.bfloat16),
+           _c.Case("3b-decode-8x2560-residual", dict(B=8, S=1, N=2560, residual=True, bias=True), torch.bfloat16)],
+    work=_layer_norm_work)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, sm_count
 
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
@@ -164,6 +165,59 @@ def quant_linear_ref(x, qweight, scales, zeros, bias, bits, group_size):
     w = dequantize_weight(qweight, scales, zeros, bits, group_size)
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of quant_linear passes (inference only)
+
+def _quant_linear_inputs(case, seed, device):
+    """A random gaussian weight quantized with quantize_weight; x [..., K] with `M` rows (x 3-D when S is given)."""
+    p = case.params
+    M, N, K, bits, group = p["M"], p["N"], p["K"], p["bits"], p.get("group", 128)
+    gen = _c.generator(case, seed)
+    w = _c.randn(gen, N, K, scale=K ** -0.5)
+    qweight, scales, zeros = quantize_weight(w, bits, group)
+    x = _c.randn(gen, *((2, M) if p.get("batched") else (M,)), K, dtype=case.dtype, device=device)
+    bias = _c.randn(gen, N, dtype=case.dtype, device=device) if p.get("bias") else None
+    return dict(x=x, qweight=qweight.to(device), scales=scales.to(device),
+                zeros=None if zeros is None else zeros.to(device), bias=bias, bits=bits, group_size=group)
+
+
+def _quant_linear_grid():
+    grid = []
+    for bits, groups in ((8, (128,)), (4, (32, 64, 128))):
+        for M in (1, 5, 33):
+            for N, K in ((96, 256), (250, 512), (7680, 2560)):
+                for group in groups:
+                    if bits == 4 and (N, K) == (7680, 2560) and group != 128:
+                        continue
+                    grid.append(dict(M=M, N=N, K=K, bits=bits, group=group if bits == 4 else None,
+                                     bias=M == 5, batched=M == 33))
+    return grid
+
+
+_QUANT_TOL = {torch.float32: _c.Tol(1e-4, 1e-5), torch.float16: _c.Tol(2e-3, 2e-3),
+              torch.bfloat16: _c.Tol(1e-2, 1.6e-2)}
+_QUANT_CPU = {"M1-N96-K256-bits8-fp32", "M5-N96-K256-bits4-group32-bias-fp16", "M33-N250-K512-bits4-group64-batched-fp16",
+              "M1-N250-K512-bits4-group128-fp32", "M5-N250-K512-bits8-bias-fp32"}
+
+
+def _quant_linear_work(inputs):
+    x, qw = inputs["x"], inputs["qweight"]
+    N = qw.shape[0]
+    K = x.shape[-1]
+    M = x.numel() // K
+    nbytes = sum(t.nbytes for t in (qw, inputs["scales"], inputs["zeros"]) if t is not None)
+    return {"bytes": nbytes + x.nbytes + M * N * x.element_size(), "flops": 2 * M * N * K}
+
+
+CONTRACTS = {"quant_linear": _c.Contract(
+    op="quant_linear", reference=quant_linear_ref, make_inputs=_quant_linear_inputs,
+    cases=_c.make_cases(_quant_linear_grid(), _c.FLOAT_DTYPES, cpu=_QUANT_CPU), tol=_QUANT_TOL,
+    bench=[_c.Case("3b-qkv-int8-M1", dict(M=1, N=7680, K=2560, bits=8), torch.bfloat16),
+           _c.Case("3b-qkv-int4-M1", dict(M=1, N=7680, K=2560, bits=4, group=128), torch.bfloat16),
+           _c.Case("3b-mlp-int4-M8", dict(M=8, N=13824, K=2560, bits=4, group=128), torch.bfloat16)],
+    work=_quant_linear_work)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES
 
 
@@ -47,6 +48,89 @@ def rotary_cache_ref(q, k, v, cos, sin, k_cache, v_cache, write_pos):
     k_cache[rows, :, slots] = k.to(k_cache.dtype)
     v_cache[rows, :, slots] = v.to(v_cache.dtype)
     return q
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contracts (kernels/contract.py): the checks every implementation of rotary / rotary_cache passes
+
+def _rotary_inputs(case, seed, device):
+    """q, k as views of a fused QKV projection (as the model passes them) or contiguous; random positions."""
+    p = case.params
+    B, S, Hq, Hkv, D, R = p["B"], p["S"], p["Hq"], p["Hkv"], p["D"], p["R"]
+    gen = _c.generator(case, seed)
+    if p.get("fused", True):
+        # Three extra columns per token so token rows are not packed: strides are the model's, never assumed.
+        buf = _c.randn(gen, B, S, (Hq + 2 * Hkv) * D + 3, dtype=case.dtype, device=device)
+        q, k, v = buf[..., :(Hq + 2 * Hkv) * D].view(B, S, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=2)
+    else:
+        q, k, v = (_c.randn(gen, B, S, h, D, dtype=case.dtype, device=device) for h in (Hq, Hkv, Hkv))
+    cos, sin = _c.rope_tables(gen, B, S, R, device=device)
+    inputs = dict(q=q, k=k, cos=cos, sin=sin)
+    if case.params.get("T"):
+        T = p["T"]
+        inputs.update(v=v, k_cache=_c.randn(gen, B, Hkv, T, D, dtype=case.dtype, device=device),
+                      v_cache=_c.randn(gen, B, Hkv, T, D, dtype=case.dtype, device=device),
+                      write_pos=_c.randint(gen, 0, T - S + 1, (B,), device=device))
+    return inputs
+
+
+# head_dim / rotary_dim pairs: StableLM-3B is (80, 20); 32 of 64 and all of 80 (partial_rotary_factor 1.0) too.
+_ROTARY_SHAPES = [(64, 20), (64, 32), (80, 20), (80, 32), (80, 80), (128, 32), (128, 80)]
+_ROTARY_TOL = {torch.float32: _c.Tol(1e-5, 1e-5), torch.float16: _c.Tol(1e-3, 1e-3),
+               torch.bfloat16: _c.Tol(1e-2, 1.6e-2)}  # one rotation in float32 rounded to the dtype (~1 ulp)
+_ROTARY_CPU = {  # the CI grid: every head_dim, rotary dim, GQA ratio and dtype at least once
+    "B2-S7-Hq4-Hkv2-D80-R20-fused-bf16", "B2-S5-Hq4-Hkv4-D64-R32-fp16", "B2-S3-Hq8-Hkv2-D128-R80-fused-fp32",
+    "B2-S7-Hq8-Hkv1-D80-R20-fp16", "B2-S3-Hq4-Hkv2-D80-R20-fused-fp32-grad", "B2-S5-Hq4-Hkv4-D64-R32-bf16-grad",
+    "B2-S1-Hq4-Hkv2-D80-R20-T16-fused-bf16", "B2-S5-Hq8-Hkv2-D128-R32-T16-fp32"}
+_ROTARY_CACHE_CPU = {n for n in _ROTARY_CPU if "-T" in n}
+
+
+def _rotary_grid(cache: bool):
+    """All GQA ratios and both layouts at StableLM-3B's (80, 20); the other dims at two ratios, fused views."""
+    grid = []
+    for D, R in _ROTARY_SHAPES:
+        for Hq, Hkv in ([(4, 4), (4, 2), (8, 1), (8, 2)] if (D, R) == (80, 20) else [(4, 4), (8, 2)]):
+            for S in (1, 3, 5, 7, 33):
+                for fused in ((True, False) if (D, R) == (80, 20) or S == 5 else (True,)):
+                    grid.append(dict(B=1 if S == 33 else 2, S=S, Hq=Hq, Hkv=Hkv, D=D, R=R,
+                                     T=(48 if S == 33 else 16) if cache else None, fused=fused))
+    return grid
+
+
+def _rotary_work(inputs):
+    q, k = inputs["q"], inputs["k"]
+    R = 2 * inputs["cos"].shape[-1]
+    moved = (q[..., :R].numel() + k[..., :R].numel()) * q.element_size() * 2 + inputs["cos"].nbytes * 2
+    if "k_cache" in inputs:  # k, v read at full width and written into the cache
+        moved += 2 * (inputs["v"].nbytes + inputs["v"].nbytes)
+    return {"bytes": moved}
+
+
+def _bench_case(name, dtype=torch.bfloat16, **params):
+    return _c.Case(name, params, dtype)
+
+
+CONTRACTS = {
+    "rotary": _c.Contract(
+        op="rotary", reference=rotary_ref, make_inputs=_rotary_inputs,
+        cases=_c.make_cases(_rotary_grid(False), _c.FLOAT_DTYPES, grad=(False, True),
+                            cpu=_ROTARY_CPU - _ROTARY_CACHE_CPU),
+        tol=_ROTARY_TOL, grad_tol=_ROTARY_TOL, grad_inputs=("q", "k"),
+        outputs=lambda out, inputs: {"q": out[0], "k": out[1]},
+        bench=[_bench_case("3b-prefill-B1-S4096", B=1, S=4096, Hq=32, Hkv=32, D=80, R=20),
+               _bench_case("3b-decode-B8-S1", B=8, S=1, Hq=32, Hkv=32, D=80, R=20)],
+        work=_rotary_work),
+    "rotary_cache": _c.Contract(
+        op="rotary_cache", reference=rotary_cache_ref, make_inputs=_rotary_inputs,
+        cases=_c.make_cases(_rotary_grid(True), _c.FLOAT_DTYPES,
+                            cpu=_ROTARY_CACHE_CPU),
+        tol=_ROTARY_TOL,
+        # The cache slots outside the written ones are compared too: they must keep their (random) values.
+        outputs=lambda out, inputs: {"q": out, "k_cache": inputs["k_cache"], "v_cache": inputs["v_cache"]},
+        bench=[_bench_case("3b-decode-B8-S1-T4096", B=8, S=1, Hq=32, Hkv=32, D=80, R=20, T=4096),
+               _bench_case("3b-prefill-B1-S2048-T4096", B=1, S=2048, Hq=32, Hkv=32, D=80, R=20, T=4096)],
+        work=_rotary_work),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
