@@ -10,6 +10,8 @@ module that holds the op's reference):
   layer_norm(x, weight, bias, eps, residual=None)          kernels/norm.py
   swiglu(gate, up)                                         kernels/mlp.py
   quant_linear(x, qweight, scales, zeros, bias, bits, group_size)   kernels/quant.py
+  nf4_linear(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size)   kernels/nf4.py
+  linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100)   kernels/loss.py
 
 "torch" is the pure-PyTorch reference and runs anywhere. Swap without touching the model:
 
@@ -27,13 +29,16 @@ import contextlib
 # Imported as kernels.<name>: the ops below reuse the names rotary and attention.
 import kernels.attention
 import kernels.decode
+import kernels.loss
 import kernels.mlp
+import kernels.nf4
 import kernels.norm
 import kernels.quant
 import kernels.rotary
 from kernels._common import INTERPRET
 
-_KERNEL_MODULES = (kernels.rotary, kernels.attention, kernels.decode, kernels.norm, kernels.mlp, kernels.quant)
+_KERNEL_MODULES = (kernels.rotary, kernels.attention, kernels.decode, kernels.norm, kernels.mlp, kernels.quant,
+                   kernels.nf4, kernels.loss)
 
 # Preferred implementation first, from the measurements in bench/results/ (README, "Swapping kernels", says why).
 CUDA_PREFERENCE = {
@@ -44,6 +49,8 @@ CUDA_PREFERENCE = {
     "layer_norm": ["triton", "torch"],
     "swiglu": ["triton", "torch"],
     "quant_linear": ["triton", "torch"],
+    "nf4_linear": ["triton", "torch"],
+    "linear_cross_entropy": ["triton", "chunked", "torch"],
 }
 
 _registry: dict[str, dict] = {}
@@ -137,6 +144,14 @@ def swiglu(gate, up):
 
 def quant_linear(x, qweight, scales, zeros, bias, bits, group_size):
     return get("quant_linear", x.device.type)(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+def nf4_linear(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size):
+    return get("nf4_linear", x.device.type)(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100):
+    return get("linear_cross_entropy", hidden.device.type)(hidden, weight, labels, bias, ignore_index)
 
 
 def _register_kernels():
