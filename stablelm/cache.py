@@ -3,7 +3,9 @@
 Buffers are [layers, B, kv_heads, max_len, head_dim] and never reallocate, so a decode step has static shapes
 and can be captured in a CUDA graph. `lengths` (int32, on the device) is how many slots each sequence has
 filled (left padding included); `start` is each sequence's first real slot (its left padding). `host_lengths`
-mirrors `lengths` on the host so the overflow check needs no device sync.
+mirrors `lengths` on the host so the overflow check needs no device sync. Inside torch.compile the host mirror
+is left alone (a traced Python list would be a guard that changes every step): whoever runs a compiled step
+keeps it, as the decode session does with `set_host_length`.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class KVCache:
 
     def check_room(self, n: int) -> None:
         """Raise before a write of n tokens per sequence would pass max_len."""
+        if torch.compiler.is_compiling():
+            return
         longest = max(self.host_lengths)
         if longest + n > self.max_len:
             raise ValueError(f"KV cache overflow: {longest} tokens cached + {n} new > max_len={self.max_len}; "
@@ -55,7 +59,13 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.lengths.add_(n)
-        self.host_lengths = [x + n for x in self.host_lengths]
+        if not torch.compiler.is_compiling():
+            self.host_lengths = [x + n for x in self.host_lengths]
+
+    def set_host_length(self, n: int) -> None:
+        """Set the host mirror after steps that could not update it (a CUDA-graph replay, a compiled step): every
+        sequence holds n slots (decode keeps them equal)."""
+        self.host_lengths = [n] * self.batch_size
 
     def set_start(self, start: torch.Tensor) -> None:
         """Record each sequence's first real slot (left padding) when the prompt is written."""

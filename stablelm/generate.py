@@ -1,16 +1,34 @@
-"""Text generation over the static KV cache: greedy, sampling, repetition penalty, stop ids, streaming, beam search.
+"""Text generation over the static KV cache: greedy, sampling, repetition penalty, stop ids, streaming, beam search,
+and the decode session that keeps the cache and the recorded decode steps between calls.
 
 One prefill (`StableLM.prefill`, in pieces of `prefill_chunk` tokens) writes the (left-padded) prompt into a
-preallocated `KVCache`, then every new token is one call of a decode step `step(tokens [B, 1]) -> logits [B, vocab]`.
-The step is built by `step_factory(model, cache)`: by default `GraphDecodeStep` (the whole step replayed from a
-CUDA graph) on CUDA unless `cuda_graph=False`, else `DecodeStep` (eager); any class with that constructor and call
-signature can stand in. The loop never keeps a step's logits past the next call and reorders the cache in
-place, so a step may return a static buffer.
+preallocated `KVCache`, then every new token is one decode step. A `DecodeSession` owns one cache per
+(batch, max_len bucket) (max_len rounded up to a multiple of `bucket`) and, per bucket, the steps built for it,
+keyed on everything a recording freezes: the op implementations chosen (`ops.use` after a call makes the next
+call record again), the weights' storage, the builder (CUDA graph / eager / torch.compile) and the selection
+settings. A second `generate()` of a shape seen before records nothing. `generate()` uses a default session per
+model (held weakly: it goes with the model); hold one yourself to control it:
+
+    session = DecodeSession(model)
+    session.generate(ids, max_new_tokens=64)        # == generate(model, ids, session=session, ...)
+
+Greedy / sampling steps run everything on the device, inside the recorded step: the forward, the logits
+processing and the selection (argmax, or sampling as exponential-race argmax(p / Exp(1)) over a device
+generator: torch.multinomial's own method, without its host-side checks), the stop-id check, the finished
+flags, the non-finite-logits check. The host reads the flags only every `sync_every` steps (the copy of step s
+is read at step s + sync_every, so the device never waits for the host), then stops early; the result is the
+same as stopping at the first step where every row has finished. A streamer needs each step's tokens on the
+host, so with one the flags are read every step.
 
 Selection follows transformers' logits processors, in their order: repetition penalty -> min_new_tokens
 (stop ids blocked) -> temperature -> top-k -> top-p (the last three only when sampling). Beam search reproduces
 transformers' `_beam_search` (5.x): candidates and finished hypotheses are kept and scored exactly as there,
-including its `early_stopping` heuristics and -1e9 masking, so equal logits give equal beams.
+including its `early_stopping` heuristics and -1e9 masking, so equal logits give equal beams; its forward step is
+the session's recorded one, its bookkeeping runs eagerly.
+
+transformers' own argument names are accepted where they mean the same thing (max_length, min_length,
+eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate, output_scores, output_logits,
+inputs_embeds); its other arguments are an error naming them, never silently ignored.
 
 One deliberate difference: the repetition penalty counts the prompt's real tokens only. transformers penalises
 every id in `input_ids`, left padding included, which makes a row's output depend on its batch neighbours.
@@ -18,8 +36,12 @@ With `input_embeds` only generated tokens count (as in transformers, which has n
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import difflib
+import math
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,19 +49,27 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import ops
 from .cache import KVCache
-from .graph import GraphDecodeStep
+from .graph import CUDAGraphBuilder, EagerBuilder
 from .model import DEFAULT_PREFILL_CHUNK
 
 # transformers' stand-in for "impossible" in beam scores; the same constant keeps ties and sums identical.
 _IMPOSSIBLE = -1.0e9
 EARLY_STOPPING = (False, True, "never")
+DEFAULT_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths share a recording
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN / inf logits while generating (broken weights or an overflow in this dtype)."""
 
 
 @dataclass
 class GenerationConfig:
     """What to generate and how. `stop_ids=None` means the model config's eos ids; `pad_id=None` means the first
-    stop id (0 without stop ids). top_k=0 and top_p=1.0 switch those filters off."""
+    stop id (0 without stop ids). top_k=0 and top_p=1.0 switch those filters off. `sync_every`: decode steps
+    between two reads of the finished / non-finite flags on the host (early stop is exact whatever its value;
+    larger wastes more steps after the last row stopped, smaller costs more host round trips)."""
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -51,11 +81,16 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    num_return_sequences: int = 1
     stop_ids: tuple[int, ...] | None = None
     pad_id: int | None = None
     seed: int | None = None
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill forward (None: all at once)
     cuda_graph: bool = True  # on CUDA, replay each decode step from a captured CUDA graph
+    sync_every: int = 8
+    return_dict_in_generate: bool = False  # return a GenerateOutput instead of the token tensor
+    output_scores: bool = False  # GenerateOutput.scores: each step's processed scores (greedy / sampling)
+    output_logits: bool = False  # GenerateOutput.logits: each step's raw logits (greedy / sampling)
 
     def __post_init__(self):
         if self.stop_ids is not None:
@@ -90,6 +125,8 @@ class GenerationConfig:
             bad("length_penalty", "must be a number")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             bad("early_stopping", f"must be one of {EARLY_STOPPING}")
+        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            bad("num_return_sequences", "must be an integer >= 1")
         if self.stop_ids is not None and not all(is_int(i) and i >= 0 for i in self.stop_ids):
             bad("stop_ids", "must be non-negative integer token ids")
         if self.pad_id is not None and (not is_int(self.pad_id) or self.pad_id < 0):
@@ -98,14 +135,29 @@ class GenerationConfig:
             bad("seed", "must be an integer or None")
         if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 1):
             bad("prefill_chunk", "must be an integer >= 1 or None")
-        if not isinstance(self.cuda_graph, bool):
-            bad("cuda_graph", "must be a bool")
+        for name in ("cuda_graph", "return_dict_in_generate", "output_scores", "output_logits"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be a bool")
+        if not is_int(self.sync_every) or self.sync_every < 1:
+            bad("sync_every", "must be an integer >= 1")
         if not self.do_sample:
             for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
                 if getattr(self, name) != off:
                     bad(name, "only applies when sampling: set do_sample=True")
         if self.do_sample and self.num_beams > 1:
             bad("num_beams", "beam search is deterministic here; do_sample=True needs num_beams=1")
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
+            bad("num_return_sequences", "greedy decoding returns one sequence per prompt: sample (do_sample=True) "
+                "or use beam search (num_beams >= num_return_sequences)")
+        if self.num_return_sequences > self.num_beams > 1:
+            bad("num_return_sequences", f"must be <= num_beams={self.num_beams}")
+        if (self.output_scores or self.output_logits) and not self.return_dict_in_generate:
+            bad("output_scores" if self.output_scores else "output_logits",
+                "needs return_dict_in_generate=True (the scores come back in a GenerateOutput)")
+        if (self.output_scores or self.output_logits) and self.num_beams > 1:
+            bad("output_scores" if self.output_scores else "output_logits",
+                "per-step scores are returned for greedy and sampling only (beam search returns "
+                "GenerateOutput.sequences_scores)")
 
     def replace(self, **overrides) -> "GenerationConfig":
         """A validated copy with some fields changed; unknown names are an error that lists the valid ones."""
@@ -116,23 +168,18 @@ class GenerationConfig:
         return dataclasses.replace(self, **overrides)
 
 
-def default_step_factory(device: torch.device, cfg: GenerationConfig):
-    """GraphDecodeStep on CUDA (unless cfg.cuda_graph is False), DecodeStep elsewhere."""
-    return GraphDecodeStep if torch.device(device).type == "cuda" and cfg.cuda_graph else DecodeStep
+@dataclass
+class GenerateOutput:
+    """generate(..., return_dict_in_generate=True). `sequences` are the new tokens [B * num_return_sequences,
+    new_len], exactly what generate returns otherwise (the prompt is not repeated, unlike transformers'
+    `sequences`). `scores` / `logits`: one [B * num_return_sequences, vocab] float32 tensor per new token, the
+    processed scores the token was chosen from / the raw logits (transformers' output_scores / output_logits).
+    `sequences_scores` (beam search): each returned sequence's length-normalised score, as transformers'."""
 
-
-class DecodeStep:
-    """The eager one-token step: `step(tokens [B, 1]) -> logits [B, vocab]`, appending the tokens to `cache`.
-
-    The seam for CUDA graphs: any class built as `cls(model, cache)` with this call signature can be passed to
-    `generate(step_factory=...)`.
-    """
-
-    def __init__(self, model, cache: KVCache):
-        self.model, self.cache = model, cache
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, cache=self.cache, last_only=True)[:, -1]
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    sequences_scores: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------- logits processing (float32 scores [rows, V])
@@ -168,8 +215,8 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
 
 
-def sampling_filters(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """temperature -> top-k -> top-p, the filters applied only when sampling."""
+def sampling_filters(scores: torch.Tensor, cfg) -> torch.Tensor:
+    """temperature -> top-k -> top-p, the filters applied only when sampling (cfg: anything with those fields)."""
     if cfg.temperature != 1.0:
         scores = scores / cfg.temperature
     if cfg.top_k:
@@ -179,8 +226,16 @@ def sampling_filters(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tenso
     return scores
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row drawn from probs [rows, V]: argmax(probs / q) with q ~ Exp(1) is a draw from the
+    categorical distribution (the exponential race), torch.multinomial's method for one sample, without its
+    host-side validity checks, so it records in a CUDA graph. Same generator state, same tokens."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return probs.div(q).argmax(dim=-1)
+
+
 class _Processor:
-    """Per-step score processing shared by the sampling and beam loops, with the seen-token set it needs."""
+    """Per-step score processing of the beam loop, with the seen-token set it needs."""
 
     def __init__(self, cfg: GenerationConfig, stop: torch.Tensor, seen: torch.Tensor | None):
         self.cfg, self.stop, self.seen = cfg, stop, seen
@@ -201,21 +256,364 @@ class _Processor:
         self.seen.scatter_(1, tokens[:, None], True)
 
 
+# ---------------------------------------------------------------- the on-device selection step
+@dataclass(frozen=True)
+class _Selection:
+    """What a recorded selection freezes (values the graph holds as constants); stop ids, pad id and
+    min_new_tokens live in device buffers instead, so they change between calls without a new recording."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    block_stops: bool  # min_new_tokens > 0
+
+    @classmethod
+    def of(cls, cfg: GenerationConfig) -> "_Selection":
+        s = cfg.do_sample
+        return cls(s, cfg.temperature if s else 1.0, cfg.top_k if s else 0, cfg.top_p if s else 1.0,
+                   float(cfg.repetition_penalty), cfg.min_new_tokens > 0)
+
+
+class _State:
+    """Static device buffers of one bucket's greedy / sampling loop; the recorded steps read and write them."""
+
+    def __init__(self, batch: int, max_len: int, vocab: int, device: torch.device):
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens = z(batch)  # the token each row feeds back next
+        self.out = z(batch, max_len)  # new tokens by step
+        self.t = z(1)  # the step being chosen
+        self.finished = z(batch, dtype=torch.bool)
+        self.done_at = z(batch)  # step at which the row hit a stop id (-1: running)
+        self.bad_at = z(batch)  # first step with non-finite logits in a running row (-1: none)
+        self.seen = z(batch, vocab, dtype=torch.bool)  # tokens the repetition penalty counts
+        self.stop_mask = z(vocab, dtype=torch.bool)
+        self.pad = z()
+        self.min_new = z(1)
+        self.generator = torch.Generator(device=device)
+
+    def tensors(self):
+        return [self.tokens, self.out, self.t, self.finished, self.done_at, self.bad_at, self.seen,
+                self.stop_mask, self.pad, self.min_new]
+
+    def select(self, logits: torch.Tensor, sel: _Selection):
+        """Choose step t's tokens from logits [B, V]; returns (processed scores, raw float32 logits)."""
+        raw = logits.float()
+        running = ~self.finished
+        bad = running & ~torch.isfinite(raw).all(dim=-1)
+        self.bad_at.copy_(torch.where(bad & (self.bad_at < 0), self.t, self.bad_at))
+        scores = raw
+        if sel.repetition_penalty != 1.0:
+            scores = repetition_penalty(scores, self.seen, sel.repetition_penalty)
+        if sel.block_stops:
+            scores = scores.masked_fill(self.stop_mask & (self.t < self.min_new), -float("inf"))
+        if sel.do_sample:
+            scores = sampling_filters(scores, sel)
+            tokens = sample(scores.softmax(dim=-1), self.generator)
+        else:
+            tokens = scores.argmax(dim=-1)
+        tokens = tokens.masked_fill(self.finished, self.pad)
+        self.out.index_copy_(1, self.t, tokens[:, None])
+        self.tokens.copy_(tokens)
+        if sel.repetition_penalty != 1.0:
+            self.seen.scatter_(1, tokens[:, None], True)
+        hit = self.stop_mask[tokens]
+        self.done_at.copy_(torch.where(hit & running, self.t, self.done_at))
+        self.finished.logical_or_(hit)
+        self.t.add_(1)
+        return scores, raw
+
+
+class _Flags:
+    """Two slots of (all finished, any non-finite) copied to the host without waiting; a slot is read one
+    period later, when the device has long finished writing it."""
+
+    def __init__(self, state: _State):
+        self.state = state
+        self.cuda = state.t.is_cuda
+        self.host = [torch.zeros(2, dtype=torch.bool, pin_memory=self.cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.slot = 0
+
+    def post(self) -> int:
+        s = self.state
+        i, self.slot = self.slot, 1 - self.slot
+        self.host[i].copy_(torch.stack([s.finished.all(), (s.bad_at >= 0).any()]), non_blocking=self.cuda)
+        if self.cuda:
+            self.events[i].record()
+        return i
+
+    def read(self, i: int) -> tuple[bool, bool]:
+        if self.cuda:
+            self.events[i].synchronize()
+        done, bad = self.host[i].tolist()
+        return done, bad
+
+
+class _Bucket:
+    def __init__(self, model, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.cache = model.make_cache(batch, max_len)
+        self.state = _State(batch, max_len, model.config.vocab_size, self.cache.device)
+        self.flags = _Flags(self.state)
+        self.steps: dict = {}
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in self.state.tensors())
+
+
+# ---------------------------------------------------------------- the session
+def ops_key(device_type: str) -> tuple:
+    """The implementation chosen for every op on this device (name and function: a re-registered name counts
+    as a change)."""
+    return tuple((op, ops.current(op, device_type), ops.get(op, device_type)) for op in sorted(ops.CUDA_PREFERENCE))
+
+
+def _weights_key(model) -> tuple:
+    """Where every parameter and buffer lives: a recording reads them by address, so a moved, re-cast or
+    replaced tensor (model.to, quantize_model) invalidates it; an in-place load_state_dict does not."""
+    return tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+                 for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+class DecodeSession:
+    """Owns the KV caches and the recorded decode steps of one model, reused across generate() calls.
+
+    One cache per (batch, max_len rounded up to a multiple of `bucket`), at most `max_buckets` of them (the
+    least recently used goes first, and on CUDA before a new cache would not fit in free memory). Per bucket, a
+    step is built once per key: (kind, selection settings, ops choice, builder), so `ops.use(...)` between calls
+    takes effect (a new recording) instead of being silently ignored. `builder` (stablelm.graph) chooses how
+    steps are built; None: a CUDA graph on CUDA unless the call says cuda_graph=False, else eager. `builds`
+    counts the steps built (recorded) so far, on any device.
+    """
+
+    def __init__(self, model, *, builder=None, bucket: int = DEFAULT_BUCKET, max_buckets: int = 4,
+                 _weak: bool = False):
+        if not isinstance(bucket, int) or bucket < 1 or not isinstance(max_buckets, int) or max_buckets < 1:
+            raise ValueError("bucket and max_buckets must be positive integers")
+        self._model = weakref.ref(model) if _weak else (lambda: model)
+        self.builder, self.bucket, self.max_buckets = builder, bucket, max_buckets
+        self.builds = 0
+        self._buckets: collections.OrderedDict[tuple[int, int], _Bucket] = collections.OrderedDict()
+        self._weights = None
+        self._last = None  # (bucket, step) of the last call, for replay()
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the session's model no longer exists")
+        return model
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
+        """generate(self.model, input_ids, session=self, **kwargs)."""
+        return generate(self.model, input_ids, session=self, **kwargs)
+
+    def clear(self) -> None:
+        """Drop every cache and recorded step (frees their memory)."""
+        self._buckets.clear()
+        self._last = None
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """(batch, max_len) of the caches held, least recently used first."""
+        return list(self._buckets)
+
+    def replay(self, steps: int, at: int) -> None:
+        """Run `steps` more decode steps of the last call's recorded step, with every cache row starting at
+        length `at` (the slots hold whatever they hold): for measuring the step alone, e.g. with CUDA events."""
+        if self._last is None:
+            raise RuntimeError("replay() needs a generate() call through this session first")
+        bucket, step = self._last
+        if at < 1 or at + steps > bucket.max_len:
+            raise ValueError(f"at={at} + steps={steps} does not fit the bucket's cache of {bucket.max_len} slots")
+        cache = bucket.cache
+        cache.lengths.fill_(at)
+        cache.start.zero_()
+        cache.set_host_length(at)
+        bucket.state.t.zero_()
+        bucket.state.finished.zero_()
+        for _ in range(steps):
+            step()
+        cache.set_host_length(at + steps)
+
+    def bucket_len(self, total: int) -> int:
+        return -(-total // self.bucket) * self.bucket
+
+    def _builder(self, cfg: GenerationConfig, device: torch.device):
+        if self.builder is not None:
+            return self.builder
+        return CUDAGraphBuilder() if device.type == "cuda" and cfg.cuda_graph else EagerBuilder()
+
+    def _get_bucket(self, batch: int, total: int) -> _Bucket:
+        model = self.model
+        weights = _weights_key(model)
+        if weights != self._weights:
+            self.clear()
+            self._weights = weights
+        key = (batch, self.bucket_len(total))
+        if key in self._buckets:
+            self._buckets.move_to_end(key)
+            return self._buckets[key]
+        while len(self._buckets) >= self.max_buckets:
+            self._buckets.popitem(last=False)
+        device = model.embed.weight.device
+        if device.type == "cuda" and self._buckets:
+            cfg = model.config
+            need = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * key[1] * cfg.head_dim * \
+                model.embed.weight.element_size()
+            while self._buckets and _free_cuda_bytes(device) < 1.1 * need:
+                self._buckets.popitem(last=False)
+        self._buckets[key] = bucket = _Bucket(model, *key)
+        return bucket
+
+    def _step(self, bucket: _Bucket, kind: str, sel: _Selection | None, builder, device: torch.device):
+        """The bucket's step of this kind for the current ops choice, built (recorded) on first use."""
+        key = (kind, sel, ops_key(device.type), builder.name)
+        step = bucket.steps.get(key)
+        if step is not None:
+            return step
+        # The step reaches the model through the session's reference (weak for a default session), so a
+        # recorded step never keeps its model alive.
+        model, cache, state = self._model, bucket.cache, bucket.state
+        tokens = state.tokens[:, None]
+        if kind == "select":
+            def run():
+                return state.select(model()(tokens, cache=cache, last_only=True)[:, -1], sel)
+        else:
+            def run():
+                return model()(tokens, cache=cache, last_only=True)[:, -1]
+
+        def reset():
+            # Warm-up / recording runs leave garbage in slot 0 and the state; each call resets both first.
+            cache.reset()
+            state.t.zero_()
+            state.finished.zero_()
+
+        cache.reset()
+        reset()
+        gens = (state.generator,) if kind == "select" and sel.do_sample and device.type == "cuda" else ()
+        static = [cache.k, cache.v, cache.lengths, cache.start] + state.tensors()
+        with torch.no_grad():
+            step = builder.build(run, reset, generators=gens, static=static)
+        self.builds += 1
+        bucket.steps[key] = step
+        return step
+
+
+_default_sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def default_session(model) -> DecodeSession:
+    """The session generate() uses for `model` when none is passed (one per model, gone with the model)."""
+    session = _default_sessions.get(model)
+    if session is None:
+        session = _default_sessions[model] = DecodeSession(model, _weak=True)
+    return session
+
+
+# ---------------------------------------------------------------- transformers' argument names
+# transformers generate() arguments that do not exist here, with what to do instead where there is something.
+_UNSUPPORTED = {
+    "generation_config": "pass config=stablelm.generate.GenerationConfig(...) or the options themselves",
+    "logits_processor": "custom logits processors are not supported",
+    "stopping_criteria": "use eos_token_id / stop_ids for stop tokens",
+    "prefix_allowed_tokens_fn": "constrained decoding is not supported",
+    "synced_gpus": "", "assistant_model": "speculative decoding is not supported", "negative_prompt_ids": "",
+    "negative_prompt_attention_mask": "", "use_model_defaults": "", "custom_generate": "", "tokenizer": "",
+    "max_time": "", "stop_strings": "stop on token ids with eos_token_id / stop_ids",
+    "typical_p": "", "epsilon_cutoff": "", "eta_cutoff": "", "min_p": "", "top_h": "",
+    "diversity_penalty": "", "num_beam_groups": "", "penalty_alpha": "", "dola_layers": "",
+    "encoder_repetition_penalty": "", "no_repeat_ngram_size": "", "bad_words_ids": "", "force_words_ids": "",
+    "renormalize_logits": "", "constraints": "", "forced_bos_token_id": "", "forced_eos_token_id": "",
+    "remove_invalid_values": "non-finite logits already stop generation with NonFiniteLogitsError",
+    "exponential_decay_length_penalty": "", "suppress_tokens": "", "begin_suppress_tokens": "",
+    "sequence_bias": "", "token_healing": "", "guidance_scale": "", "watermarking_config": "",
+    "low_memory": "", "output_attentions": "", "output_hidden_states": "", "cache_implementation":
+    "the cache here is always static (one preallocated buffer per session bucket)", "cache_config": "",
+    "compile_config": "decode steps are CUDA graphs already (or DecodeSession(builder=CompileBuilder()))",
+    "disable_compile": "", "prompt_lookup_num_tokens": "", "assistant_early_exit": "", "past_key_values":
+    "the session keeps the cache", "decoder_input_ids": "", "bos_token_id": "", "decoder_start_token_id": "",
+    "num_assistant_tokens": "", "length_normalization": "", "return_legacy_cache": "",
+}
+
+
+def _from_transformers(kwargs: dict, cfg: GenerationConfig, prompt_len: int) -> dict:
+    """Config overrides for transformers-named arguments (popped from kwargs); errors for the ones not here."""
+    over = {}
+    for ours, theirs in (("stop_ids", "eos_token_id"), ("pad_id", "pad_token_id")):
+        if theirs in kwargs:
+            if ours in kwargs:
+                raise TypeError(f"pass {ours} or transformers' {theirs}, not both")
+            value = kwargs.pop(theirs)
+            # transformers: an explicit eos_token_id=None generates to the length limit.
+            over[ours] = () if ours == "stop_ids" and value is None else value
+    if kwargs.pop("use_cache", True) is not True:
+        raise ValueError("use_cache=False is not supported: generation always decodes over the KV cache")
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if total not in kwargs:
+            continue
+        if new in kwargs:
+            raise TypeError(f"pass {new} or {total} (prompt + new tokens), not both")
+        value = kwargs.pop(total)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{total}={value!r} must be an integer (prompt + new tokens)")
+        if total == "max_length":
+            if value <= prompt_len:
+                raise ValueError(f"max_length={value} leaves no room for new tokens after the {prompt_len}-token "
+                                 f"prompt (max_length counts prompt + new tokens; or pass max_new_tokens)")
+            over["max_new_tokens"] = value - prompt_len
+        else:
+            over["min_new_tokens"] = max(0, value - prompt_len)
+    if "min_new_tokens" in over:
+        limit = over.get("max_new_tokens", kwargs.get("max_new_tokens", cfg.max_new_tokens))
+        over["min_new_tokens"] = min(over["min_new_tokens"], limit)
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    for name in list(kwargs):
+        if name in names:
+            over[name] = kwargs.pop(name)
+    if kwargs:
+        name = sorted(kwargs)[0]
+        if name in _UNSUPPORTED:
+            hint = _UNSUPPORTED[name]
+            raise TypeError(f"generate() does not support transformers' argument {name!r}"
+                            + (f": {hint}" if hint else ""))
+        close = difflib.get_close_matches(name, sorted(names | {"max_length", "min_length", "eos_token_id",
+                                                                "pad_token_id", "inputs_embeds"}), n=1)
+        raise TypeError(f"generate() got an unexpected keyword argument {name!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else f"; options: {sorted(names)}"))
+    return over
+
+
 # ---------------------------------------------------------------- entry point
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
              input_embeds: torch.Tensor | None = None, config: GenerationConfig | None = None,
-             streamer: Callable[[torch.Tensor], None] | None = None, step_factory=None,
-             progress: bool = False, **overrides) -> torch.Tensor:
-    """New tokens [B, new_len] for a batch of prompts; rows that stopped early are padded with pad_id.
+             streamer: Callable[[torch.Tensor], None] | None = None, session: DecodeSession | None = None,
+             progress: bool = False, **kwargs) -> torch.Tensor | GenerateOutput:
+    """New tokens [B * num_return_sequences, new_len] for a batch of prompts; rows that stopped early are padded
+    with pad_id (a GenerateOutput with return_dict_in_generate=True).
 
     input_ids [B, S] (left padded, with attention_mask [B, S]) or input_embeds [B, S, hidden] (+ mask), on the
-    model's device. `overrides` change fields of `config` (e.g. max_new_tokens=32). `streamer(tokens [B])` is
-    called once per step with that step's tokens (pad_id for finished rows); beam search cannot stream.
-    `step_factory(model, cache)` builds the decode step (default: default_step_factory). `progress` shows a tqdm
-    bar on stderr.
+    model's device. `kwargs` change fields of `config` (e.g. max_new_tokens=32), under their names here or
+    transformers' (max_length, eos_token_id, ...). `streamer(tokens [B])` is called once per step with that
+    step's tokens (pad_id for finished rows); beam search cannot stream. `session`: the DecodeSession whose cache
+    and recorded steps to use (default: the model's own). `progress` shows a tqdm bar on stderr.
     """
-    cfg = (config or GenerationConfig()).replace(**overrides)
+    if "inputs_embeds" in kwargs:
+        if input_embeds is not None:
+            raise TypeError("pass input_embeds or transformers' inputs_embeds, not both")
+        input_embeds = kwargs.pop("inputs_embeds")
+    cfg = config or GenerationConfig()
+    device = model.embed.weight.device
+    batch, prompt_len, mask = _check_prompt(model, input_ids, attention_mask, input_embeds, device)
+    cfg = cfg.replace(**_from_transformers(kwargs, cfg, prompt_len))
     vocab = model.config.vocab_size
     if cfg.stop_ids is None:
         cfg = cfg.replace(stop_ids=tuple(model.config.eos_token_id))
@@ -226,41 +624,51 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
             raise ValueError(f"{name}={getattr(cfg, name)} outside the model's vocabulary [0, {vocab})")
     if streamer is not None and cfg.num_beams > 1:
         raise ValueError("streaming needs num_beams=1: beam search only knows the best sequence at the end")
-
-    device = model.embed.weight.device
-    batch, prompt_len, mask = _check_prompt(model, input_ids, attention_mask, input_embeds, device)
     beams = cfg.num_beams
     total, limit = prompt_len + cfg.max_new_tokens, model.config.max_position_embeddings
     if total > limit and model.config.rope_type == "default":
         # Without rope scaling, positions past the trained range give garbage rather than an error.
         raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={cfg.max_new_tokens} does not fit the "
                          f"model: {total} > max_position_embeddings={limit}")
-    cache = model.make_cache(batch * beams, total)
 
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
-        if input_ids is not None:
-            # Padding goes to the extra column, which is dropped: only real prompt tokens count as seen.
-            real = input_ids if mask is None else input_ids.masked_fill(mask == 0, vocab)
-            seen.scatter_(1, real, True)
-        seen = seen[:, :vocab].repeat_interleave(beams, dim=0)
-    stop = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
-    process = _Processor(cfg, stop, seen)
-
-    # Beam search prefills every beam's copy of the prompt so the whole batch lives in one static cache.
-    expand = (lambda t: t.repeat_interleave(beams, dim=0)) if beams > 1 else (lambda t: t)
+    # Beam search prefills every beam's copy of the prompt so the whole batch lives in one static cache;
+    # sampling several sequences per prompt prefills each copy the same way.
+    copies = beams if beams > 1 else cfg.num_return_sequences
+    expand = (lambda t: t.repeat_interleave(copies, dim=0)) if copies > 1 else (lambda t: t)
+    rows = batch * copies
     prompt = dict(input_ids=None if input_ids is None else expand(input_ids),
                   input_embeds=None if input_embeds is None else expand(input_embeds),
                   attention_mask=None if mask is None else expand(mask))
+    session = session or default_session(model)
+    if session.model is not model:
+        raise ValueError("the session belongs to another model")
+    bucket = session._get_bucket(rows, total)
+    builder = session._builder(cfg, device)
+    sel = None if beams > 1 else _Selection.of(cfg)
+    step = session._step(bucket, "forward" if beams > 1 else "select", sel, builder, device)
+    session._last = (bucket, step)
+
+    cache, state = bucket.cache, bucket.state
+    cache.reset()
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
+        ids = prompt["input_ids"]
+        if ids is not None:
+            # Padding goes to the extra column, which is dropped: only real prompt tokens count as seen.
+            real = ids if mask is None else ids.masked_fill(prompt["attention_mask"] == 0, vocab)
+            seen.scatter_(1, real, True)
+        seen = seen[:, :vocab]
     logits = model.prefill(cache, **prompt, chunk=cfg.prefill_chunk)
-    step = (step_factory or default_step_factory(device, cfg))(model, cache)
     bar = tqdm(total=cfg.max_new_tokens, desc="generate", unit="tok", file=sys.stderr, disable=not progress,
                leave=False)
     try:
         if beams > 1:
-            return _beam_search(step, cache, logits, cfg, process, batch, bar)
-        return _sample(step, logits, cfg, process, batch, streamer, bar)
+            stop = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
+            if seen is not None:
+                seen = seen.clone()
+            return _beam_search(step, bucket, logits, cfg, _Processor(cfg, stop, seen), batch, prompt_len, bar)
+        return _sample(step, bucket, logits, cfg, sel, seen, prompt_len, streamer, bar)
     finally:
         bar.close()
 
@@ -300,45 +708,86 @@ def _check_prompt(model, input_ids, attention_mask, input_embeds, device):
     return batch, prompt_len, attention_mask
 
 
+def _non_finite(step: int, rows: list[int]) -> NonFiniteLogitsError:
+    return NonFiniteLogitsError(
+        f"the model's logits became non-finite (NaN or inf) at new token {step} in batch rows {rows}: the weights "
+        f"hold NaN/inf or the activations overflowed in this dtype (stablelm.load checks weights; try bfloat16 or "
+        f"float32)")
+
+
 # ---------------------------------------------------------------- greedy / sampling
-def _sample(step, logits, cfg: GenerationConfig, process: _Processor, batch: int, streamer, bar) -> torch.Tensor:
-    device = logits.device
-    generator = None
+def _sample(step, bucket: _Bucket, logits, cfg: GenerationConfig, sel: _Selection, seen, prompt_len: int,
+            streamer, bar):
+    state, cache, flags = bucket.state, bucket.cache, bucket.flags
+    n_new = cfg.max_new_tokens
+    state.t.zero_()
+    state.finished.zero_()
+    state.done_at.fill_(-1)
+    state.bad_at.fill_(-1)
+    state.pad.fill_(cfg.pad_id)
+    state.min_new.fill_(cfg.min_new_tokens)
+    state.stop_mask.zero_()
+    if cfg.stop_ids:
+        state.stop_mask[torch.tensor(cfg.stop_ids, device=state.stop_mask.device)] = True
+    if seen is not None:
+        state.seen.copy_(seen)
     if cfg.do_sample:
-        generator = torch.Generator(device=device)
         if cfg.seed is None:
-            generator.seed()
+            state.generator.seed()
         else:
-            generator.manual_seed(cfg.seed)
-    out = torch.full((batch, cfg.max_new_tokens), cfg.pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for t in range(cfg.max_new_tokens):
-        if t:
-            logits = step(tokens[:, None])
-        scores = process(logits.float(), t)
-        if cfg.do_sample:
-            probs = sampling_filters(scores, cfg).softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            tokens = scores.argmax(dim=-1)
-        tokens = tokens.masked_fill(finished, cfg.pad_id)
-        out[:, t] = tokens
+            state.generator.manual_seed(cfg.seed)
+    keep_scores, keep_logits = cfg.output_scores, cfg.output_logits
+    scores_seq, logits_seq = [], []
+
+    def record(out):
+        if keep_scores:
+            scores_seq.append(out[0].clone())
+        if keep_logits:
+            logits_seq.append(out[1].clone())
         bar.update(1)
         if streamer is not None:
-            streamer(tokens)
-        process.add(tokens)
-        finished |= torch.isin(tokens, process.stop)
-        if bool(finished.all()):
-            break
-    return out[:, :t + 1]
+            streamer(state.tokens.clone())
+
+    record(state.select(logits, sel))  # the first new token, from the prefill's logits
+    done = 1
+    pending = None
+    while done < n_new:
+        if streamer is not None:
+            finished, bad = flags.read(flags.post())  # the streamer reads every step on the host anyway
+            if finished or bad:
+                break
+        elif done % cfg.sync_every == 0:
+            # Post this step's flags, then read the ones posted a period ago: the device is past them by now.
+            previous, pending = pending, flags.post()
+            if previous is not None:
+                finished, bad = flags.read(previous)
+                if finished or bad:
+                    break
+        out = step()
+        done += 1
+        cache.set_host_length(prompt_len + done - 1)
+        record(out)
+
+    bad_at = state.bad_at.tolist()
+    if max(bad_at) >= 0:
+        first = min(s for s in bad_at if s >= 0)
+        raise _non_finite(first, [r for r, s in enumerate(bad_at) if s == first])
+    done_at = state.done_at.tolist()
+    length = max(done_at) + 1 if min(done_at) >= 0 else done
+    tokens = state.out[:, :length].clone()
+    if not cfg.return_dict_in_generate:
+        return tokens
+    return GenerateOutput(tokens, tuple(scores_seq[:length]) if keep_scores else None,
+                          tuple(logits_seq[:length]) if keep_logits else None)
 
 
 # ---------------------------------------------------------------- beam search
-def _beam_search(step, cache: KVCache, logits, cfg: GenerationConfig, process: _Processor, batch: int,
-                 bar) -> torch.Tensor:
+def _beam_search(forward, bucket: _Bucket, logits, cfg: GenerationConfig, process: _Processor, batch: int,
+                 prompt_len: int, bar):
     """transformers' beam search: each step keeps the K = max(2, 1 + #stop ids) * beams best continuations, the
     best `beams` unfinished ones run on, and those among the top `beams` that hit a stop id (or the length limit)
-    compete, length-normalised, for the `beams` finished slots. Returns each input's best finished sequence."""
+    compete, length-normalised, for the `beams` finished slots. Returns each input's best finished sequence(s)."""
+    cache, fed = bucket.cache, bucket.state.tokens
     beams, vocab, n_new = cfg.num_beams, logits.shape[-1], cfg.max_new_tokens
     device, lp, es = logits.device, cfg.length_penalty, cfg.early_stopping
     k = max(2, 1 + len(cfg.stop_ids)) * beams
@@ -355,7 +804,9 @@ def _beam_search(step, cache: KVCache, logits, cfg: GenerationConfig, process: _
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
 
     for t in range(n_new):
-        log_probs = process(F.log_softmax(logits.float(), dim=-1), t)
+        raw = logits.float()
+        bad = ~torch.isfinite(raw).all()
+        log_probs = process(F.log_softmax(raw, dim=-1), t)
         totals = (log_probs.view(batch, beams, vocab) + run_scores[:, :, None]).view(batch, beams * vocab)
         cand_scores, flat = totals.topk(k, dim=-1)
         parent, tokens = flat // vocab, flat % vocab
@@ -390,12 +841,21 @@ def _beam_search(step, cache: KVCache, logits, cfg: GenerationConfig, process: _
         worst_done = torch.where(is_done, done_scores.min(dim=1, keepdim=True).values, _IMPOSSIBLE)
         improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
         go_on = improvable.any() & ~(is_done.all() & (es is True)) & ~hits.all()
-        if not bool(go_on):
+        go_on, bad = torch.stack([go_on, bad]).tolist()  # beam search decides on the host every step
+        if bad:
+            raise _non_finite(t, [r for r in range(batch * beams) if not bool(torch.isfinite(raw[r]).all())])
+        if not go_on:
             break
         next_tokens = run_tokens[:, :, t].reshape(-1)
         cache.reorder(rows)
         process.add(next_tokens, rows)
-        logits = step(next_tokens[:, None])
+        fed.copy_(next_tokens)
+        logits = forward()
+        cache.set_host_length(prompt_len + t + 1)
 
-    length = int(done_len[:, 0].max())
-    return done_tokens[:, 0, :length]
+    n = cfg.num_return_sequences
+    length = int(done_len[:, :n].max())
+    tokens = done_tokens[:, :n, :length].reshape(batch * n, length)
+    if not cfg.return_dict_in_generate:
+        return tokens
+    return GenerateOutput(tokens, sequences_scores=done_scores[:, :n].reshape(-1))

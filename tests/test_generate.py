@@ -1,5 +1,6 @@
 """stablelm.generate against transformers' generate on converted random-weight checkpoints (fp32, CPU): greedy,
-stop ids, repetition penalty, min_new_tokens, beam search, input embeddings, sampling filters, streaming, errors."""
+stop ids, repetition penalty, min_new_tokens, beam search, input embeddings, sampling filters, streaming, errors,
+and transformers' own generate() argument names (max_length, eos_token_id, num_return_sequences, scores, ...)."""
 import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -7,9 +8,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import convert_weights
 import stablelm
 from hf_utils import hf_model
-from stablelm.generate import (DecodeStep, GenerationConfig, default_step_factory, generate, sampling_filters,
+from stablelm.generate import (DecodeSession, GenerateOutput, GenerationConfig, generate, sampling_filters,
                                top_k_filter, top_p_filter)
-from stablelm.graph import GraphDecodeStep
+from stablelm.graph import CUDAGraphBuilder, EagerBuilder
 
 PAD = 1  # hf_utils' vocabulary: bos 1, eos 2; left padding and finished rows use 1 here
 
@@ -36,20 +37,30 @@ def prompts(batch=2, length=10, pad=(4, 0), seed=1):
 def hf_new(hf, ids, mask=None, **kw):
     """transformers' new tokens (greedy / beam unless told otherwise)."""
     kw.setdefault("do_sample", False)
+    kw.setdefault("pad_token_id", PAD)
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+        out = hf.generate(ids, attention_mask=mask, **kw)
     return out[:, ids.shape[1]:]
 
 
-steps = []  # token shapes seen by CountingStep
+class CountingBuilder(EagerBuilder):
+    """Builds the eager step and counts its calls: stands in for a replacement builder (e.g. a CUDA graph)."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls = []
+
+    def build(self, run, reset, generators=(), static=()):
+        def counted():
+            self.calls.append(1)
+            return run()
+        return counted
 
 
-class CountingStep(DecodeStep):
-    """The eager step, recording each call: stands in for a replacement step (e.g. a CUDA graph)."""
-
-    def __call__(self, tokens):
-        steps.append(tuple(tokens.shape))
-        return super().__call__(tokens)
+def counting_session(model):
+    builder = CountingBuilder()
+    return DecodeSession(model, builder=builder), builder.calls
 
 
 # ---------------------------------------------------------------- greedy, stop ids, penalties
@@ -164,8 +175,8 @@ def test_beam_search_with_many_stop_ids_matches_transformers(pair, length_penalt
     ids, mask = prompts()
     stops = list(range(3, 40))
     kw = dict(num_beams=3, max_new_tokens=16, length_penalty=length_penalty, early_stopping=early_stopping)
-    steps.clear()
-    ours = generate(model, ids, attention_mask=mask, stop_ids=stops, pad_id=PAD, step_factory=CountingStep, **kw)
+    session, steps = counting_session(model)
+    ours = generate(model, ids, attention_mask=mask, stop_ids=stops, pad_id=PAD, session=session, **kw)
     forwards = []
     hook = hf.register_forward_hook(lambda *_: forwards.append(1))
     try:
@@ -275,23 +286,22 @@ def test_filters_match_transformers_warpers():
 
 
 # ---------------------------------------------------------------- the decode-step seam
-def test_default_step_is_a_cuda_graph_on_cuda_only():
-    on = GenerationConfig()
-    off = GenerationConfig(cuda_graph=False)
-    assert default_step_factory(torch.device("cuda", 0), on) is GraphDecodeStep
-    assert default_step_factory("cuda", off) is DecodeStep
-    assert default_step_factory("cpu", on) is DecodeStep
+def test_default_builder_is_a_cuda_graph_on_cuda_only(pair):
+    session = DecodeSession(pair[1])
+    assert isinstance(session._builder(GenerationConfig(), torch.device("cuda", 0)), CUDAGraphBuilder)
+    assert isinstance(session._builder(GenerationConfig(cuda_graph=False), torch.device("cuda")), EagerBuilder)
+    assert isinstance(session._builder(GenerationConfig(), torch.device("cpu")), EagerBuilder)
 
 
-def test_step_factory_replaces_the_decode_step(pair):
+def test_builder_replaces_the_decode_step(pair):
     _, model = pair
     ids, mask = prompts()
-    for kw, rows in ((dict(), 2), (dict(num_beams=3), 6)):
-        steps.clear()
-        out = generate(model, ids, attention_mask=mask, max_new_tokens=9, stop_ids=[], step_factory=CountingStep,
-                       **kw)
+    for kw in (dict(), dict(num_beams=3)):
+        session, steps = counting_session(model)
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=9, stop_ids=[], session=session, **kw)
         assert torch.equal(out, generate(model, ids, attention_mask=mask, max_new_tokens=9, stop_ids=[], **kw))
-        assert steps == [(rows, 1)] * 8  # the prefill gives the first token, one step per further token
+        assert len(steps) == 8  # the prefill gives the first token, one step per further token
+        assert session.buckets() == [(2 * kw.get("num_beams", 1), 256)]
 
 
 @pytest.mark.gpu
@@ -337,6 +347,9 @@ def test_prompt_too_long_is_a_clear_error(pair):
     (dict(prefill_chunk=0), "prefill_chunk"),
     (dict(prefill_chunk=2.0), "prefill_chunk"),
     (dict(cuda_graph=1), "cuda_graph"),
+    (dict(sync_every=0), "sync_every"),
+    (dict(num_return_sequences=0), "num_return_sequences"),
+    (dict(output_logits=True), "return_dict_in_generate"),
 ])
 def test_bad_config_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -346,7 +359,7 @@ def test_bad_config_values(kw, match):
 def test_bad_generate_inputs(pair):
     _, model = pair
     ids, mask = prompts()
-    with pytest.raises(ValueError, match="unknown generation options \\['max_tokens'\\]"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'; did you mean 'max_new_tokens'"):
         generate(model, ids, max_tokens=3)
     with pytest.raises(ValueError, match="exactly one"):
         generate(model, ids, input_embeds=model.embed(ids))
@@ -368,3 +381,124 @@ def test_bad_generate_inputs(pair):
         generate(model, ids, num_beams=2, streamer=print)
     with pytest.raises(ValueError, match="input_embeds must be"):
         generate(model, input_embeds=torch.randn(2, 64))
+
+
+# ---------------------------------------------------------------- transformers' generate() arguments
+def hf_full(hf, ids, mask=None, **kw):
+    """transformers' generate() output object (return_dict_in_generate=True)."""
+    kw.setdefault("do_sample", False)
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kw)
+
+
+def test_max_length_and_min_length_count_the_prompt(pair):
+    hf, model = pair
+    ids, mask = prompts()
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=20, stop_ids=[])
+    stop = int(free[0, 1])
+    kw = dict(max_length=ids.shape[1] + 15, min_length=ids.shape[1] + 5, eos_token_id=stop, pad_token_id=PAD)
+    ours = generate(model, ids, attention_mask=mask, **kw)
+    ref = hf_new(hf, ids, mask, **{k: v for k, v in kw.items() if k != "pad_token_id"})
+    assert torch.equal(ours, ref) and ours.shape[1] > 2 and not (ours[:, :5] == stop).any()
+    assert generate(model, ids, attention_mask=mask, max_length=ids.shape[1] + 7, eos_token_id=None).shape == (2, 7)
+
+
+@pytest.mark.parametrize("eos", ["int", "list", None])
+def test_eos_and_pad_token_id(pair, eos):
+    hf, model = pair
+    ids, mask = prompts()
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=20, stop_ids=[])
+    eos_id = {"int": int(free[0, 3]), "list": [int(free[0, 2]), int(free[1, 4])], None: None}[eos]
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos_id, pad_token_id=7)
+    ref = hf_new(hf, ids, mask, max_new_tokens=20, eos_token_id=eos_id, pad_token_id=7)
+    assert torch.equal(ours, ref)
+    if eos is None:
+        assert torch.equal(ours, free)  # an explicit None stops nowhere, as in transformers
+    else:
+        row = ours[0].tolist()
+        end = min(row.index(s) for s in ([eos_id] if eos == "int" else eos_id) if s in row)
+        assert end <= 3 and (ours[0, end + 1:] == 7).all()  # stopped rows are padded with pad_token_id
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 2.0])
+def test_num_return_sequences_with_beams(pair, length_penalty):
+    hf, model = pair
+    ids, mask = prompts()
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=12, eos_token_id=BEAM_STOPS,
+              length_penalty=length_penalty)
+    ours = generate(model, ids, attention_mask=mask, pad_token_id=PAD, return_dict_in_generate=True, **kw)
+    ref = hf_full(hf, ids, mask, pad_token_id=PAD, output_scores=True, **kw)
+    assert isinstance(ours, GenerateOutput) and ours.sequences.shape[0] == 4
+    assert torch.equal(ours.sequences, ref.sequences[:, ids.shape[1]:])
+    torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
+    plain = generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(plain, ours.sequences)
+
+
+def test_num_return_sequences_with_sampling(pair):
+    hf, model = pair
+    ids, mask = prompts()
+    # top_k=1 sampling is greedy, so each of the n copies must equal transformers' (and each other).
+    kw = dict(do_sample=True, top_k=1, num_return_sequences=3, max_new_tokens=10, eos_token_id=None)
+    ours = generate(model, ids, attention_mask=mask, seed=0, **kw)
+    assert ours.shape == (6, 10)
+    assert torch.equal(ours, hf_new(hf, ids, mask, **kw))
+    # Real sampling: the copies of a prompt are independent draws, seeded.
+    kw = dict(do_sample=True, temperature=1.5, num_return_sequences=3, max_new_tokens=12, eos_token_id=None)
+    a = generate(model, ids, attention_mask=mask, seed=4, **kw)
+    assert torch.equal(a, generate(model, ids, attention_mask=mask, seed=4, **kw))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[3], a[4])
+
+
+def test_output_scores_and_logits_match_transformers(pair):
+    hf, model = pair
+    ids, mask = prompts(pad=(0, 0))  # no padding: transformers' repetition penalty then sees our tokens
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=16, stop_ids=[])
+    kw = dict(max_new_tokens=16, min_new_tokens=3, repetition_penalty=1.2, eos_token_id=int(free[0, 5]),
+              pad_token_id=PAD, output_scores=True, output_logits=True)
+    ours = generate(model, ids, attention_mask=mask, return_dict_in_generate=True, **kw)
+    ref = hf_full(hf, ids, mask, **kw)
+    assert torch.equal(ours.sequences, ref.sequences[:, ids.shape[1]:])
+    assert len(ours.scores) == len(ref.scores) == len(ours.logits) == ours.sequences.shape[1]
+    for a, b in zip(ours.scores + ours.logits, ref.scores + ref.logits):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+    assert torch.isinf(ours.scores[0]).any()  # min_new_tokens blocked the stop id
+    # Sampling: step 0's scores are the warped ones (temperature -> top-k -> top-p), as in transformers.
+    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=3, eos_token_id=None,
+              output_scores=True)
+    ours = generate(model, ids, attention_mask=mask, return_dict_in_generate=True, seed=1, **kw)
+    ref = hf_full(hf, ids, mask, **kw)
+    torch.testing.assert_close(ours.scores[0], ref.scores[0], rtol=1e-4, atol=1e-4)
+    assert torch.isinf(ours.scores[0]).sum() > 0
+
+
+def test_inputs_embeds_alias(pair):
+    _, model = pair
+    ids, mask = prompts()
+    embeds = model.embed(ids).detach()
+    assert torch.equal(generate(model, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8),
+                       generate(model, input_embeds=embeds, attention_mask=mask, max_new_tokens=8))
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(no_repeat_ngram_size=3), TypeError, "does not support transformers' argument 'no_repeat_ngram_size'"),
+    (dict(generation_config=object()), TypeError, "generation_config.*config=stablelm.generate.GenerationConfig"),
+    (dict(stopping_criteria=[]), TypeError, "'stopping_criteria'.*eos_token_id"),
+    (dict(output_attentions=True), TypeError, "output_attentions"),
+    (dict(max_lenght=30), TypeError, "unexpected keyword argument 'max_lenght'; did you mean 'max_length'"),
+    (dict(max_length=30, max_new_tokens=5), TypeError, "max_new_tokens or max_length"),
+    (dict(eos_token_id=2, stop_ids=[2]), TypeError, "stop_ids or transformers' eos_token_id"),
+    (dict(max_length=10), ValueError, "max_length=10 leaves no room"),
+    (dict(max_length=12.0), ValueError, "max_length=12.0 must be an integer"),
+    (dict(use_cache=False), ValueError, "use_cache=False"),
+    (dict(output_scores=True), ValueError, "output_scores.*return_dict_in_generate=True"),
+    (dict(num_return_sequences=2), ValueError, "num_return_sequences.*greedy"),
+    (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences.*<= num_beams=2"),
+    (dict(num_beams=2, return_dict_in_generate=True, output_scores=True), ValueError, "sequences_scores"),
+    (dict(eos_token_id=[96]), ValueError, "stop_ids.*outside"),
+])
+def test_transformers_arguments_not_supported_are_errors(pair, kw, error, match):
+    _, model = pair
+    ids, mask = prompts()
+    with pytest.raises(error, match=match):
+        generate(model, ids, attention_mask=mask, **kw)
