@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .config import StableLMConfig
-from .model import StableLM
+from .model import StableLMModel, model_class
 
 
 class CheckpointError(ValueError):
@@ -65,15 +65,24 @@ WEIGHT_MAP = {
     "layers.{}.mlp.gate_up.weight": Concat(("model.layers.{}.mlp.gate_proj.weight",
                                             "model.layers.{}.mlp.up_proj.weight"), _gate_up_rows),
     "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+    # the classification heads (same names in transformers' StableLmFor{Sequence,Token}Classification)
+    "score.weight": "score.weight",
+    "score.bias": "score.bias",
 }
+# The task classes put the decoder under `model.`; transformers saves a bare StableLmModel without that prefix.
+_BARE_MODEL = "StableLmModel"
+# Tensors only some classes have: a mismatch in these means config.architectures does not fit the weights.
+_HEAD_TENSORS = {"lm_head.weight": "StableLmForCausalLM (untied)", "score.weight": "a classification head",
+                 "score.bias": "StableLmForTokenClassification"}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 # ---------------------------------------------------------------- expected tensors
-def meta_model(cfg: StableLMConfig) -> StableLM:
-    """The model of `cfg` on the meta device: its tensor names and shapes, no memory."""
+def meta_model(cfg: StableLMConfig) -> StableLMModel:
+    """The model of `cfg` (the class its `architectures` names) on the meta device: tensor names and shapes, no
+    memory."""
     with torch.device("meta"):
-        return StableLM(cfg)
+        return model_class(cfg)(cfg)
 
 
 def project_shapes(cfg: StableLMConfig) -> dict[str, tuple]:
@@ -116,6 +125,10 @@ def check_tensors(tensors: dict, expected: dict[str, tuple], what: str) -> None:
         problems.append(f"unexpected tensors: {extra}")
     if wrong:
         problems.append(f"wrong shapes: {wrong}")
+    heads = sorted(n for n in set(missing) | set(extra) if n in _HEAD_TENSORS)
+    if heads:
+        problems.append("the head tensors (" + ", ".join(f"{n}: {_HEAD_TENSORS[n]}" for n in heads) + ") do not "
+                        "fit the class config.json's `architectures` names: the checkpoint is another StableLM class")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 
@@ -124,6 +137,8 @@ def check_tensors(tensors: dict, expected: dict[str, tuple], what: str) -> None:
 def hf_to_project(hf: dict, cfg: StableLMConfig) -> dict:
     """Map a transformers state dict to the project layout (q/k/v and gate/up fused). Checks names and shapes."""
     hf = dict(hf)
+    if cfg.architecture == _BARE_MODEL and not any(k.startswith("model.") for k in hf):
+        hf = {"model." + k: v for k, v in hf.items()}
     if cfg.tie_word_embeddings and "lm_head.weight" in hf:
         # Older saves keep the tied copy; accept it only if it really is the embedding.
         if not torch.equal(hf["lm_head.weight"], hf.get("model.embed_tokens.weight", torch.empty(0))):
@@ -149,6 +164,8 @@ def project_to_hf(sd: dict, cfg: StableLMConfig) -> dict:
         pieces = ([t] if isinstance(rule, str) else
                   t.split([shape[0] for shape in parts.values()]) if isinstance(rule, Concat) else t.unbind(0))
         out.update(zip(parts, pieces))
+    if cfg.architecture == _BARE_MODEL:
+        out = {k.removeprefix("model."): v for k, v in out.items()}
     return out
 
 

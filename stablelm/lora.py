@@ -114,3 +114,22 @@ def make_optimizer(module: nn.Module, lr: float, weight_decay: float, total_step
         progress = min(step / max(total_steps, 1), 1.0)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def merge_lora(module: nn.Module) -> list[str]:
+    """Fold every adapter into its base weight (W[rows] += scale * B @ A) and put the plain nn.Linear back, so the
+    model saves and runs as one without LoRA. Returns the merged names."""
+    merged = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, LoRALinear):
+            continue
+        base = child.base
+        with torch.no_grad():
+            delta = (child.lora_B @ child.lora_A) * child.scale
+            rows = torch.cat([torch.arange(lo, hi, device=delta.device) for lo, hi in child.out_ranges])
+            # Summed in float32, rounded once into the base dtype.
+            base.weight[rows] = (base.weight[rows].float() + delta).to(base.weight.dtype)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, base)
+        merged.append(name)
+    return merged

@@ -9,6 +9,7 @@ MLP's gate/up one fused `gate_up` projection, so each is a single matmul.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import NamedTuple
 
@@ -148,6 +149,10 @@ class Block(nn.Module):
         return x, self.mlp(h)
 
 
+# The backbone's submodules: every class here has them under these names, with these state-dict keys.
+BACKBONE_MODULES = ("embed", "layers", "norm")
+
+
 class BackboneOutput(NamedTuple):
     """The backbone's output with `output_hidden_states=True` (transformers' BaseModelOutputWithPast names)."""
     last_hidden_state: torch.Tensor              # [B, S, hidden], after the final LayerNorm
@@ -193,6 +198,31 @@ class StableLMModel(nn.Module):
                 if isinstance(m, LayerNorm):
                     m.weight.add_(1.0)
         return model.eval()
+
+    @classmethod
+    def from_backbone(cls, source: "StableLMModel", **config_changes):
+        """This class over `source`'s decoder (embed, layers, norm: the same tensors, shared, not copied) with a
+        fresh head, as transformers initialises one: how a classifier starts from a pretrained causal LM.
+        config_changes: fields to set, e.g. num_labels=3, id2label={...}, pad_token_id=0."""
+        cfg = dataclasses.replace(source.config, architectures=[ARCHITECTURE_OF[cls]], **config_changes)
+        p = source.embed.weight
+        # Built on the meta device so only the new head takes memory.
+        with torch.device("meta"):
+            model = cls(cfg)
+        backbone = {k: v for k, v in source.state_dict().items() if k.split(".")[0] in BACKBONE_MODULES}
+        missing, unexpected = model.load_state_dict(backbone, strict=False, assign=True)
+        head = {k for k in model.state_dict() if k.split(".")[0] not in BACKBONE_MODULES}
+        if unexpected or set(missing) != head:
+            raise ValueError(f"{type(source).__name__} does not fit {cls.__name__}: missing "
+                             f"{sorted(set(missing) - head)}, unexpected {sorted(unexpected)}")
+        for name, child in model.named_children():
+            if name not in BACKBONE_MODULES and name != "rotary":
+                child.to_empty(device=p.device).to(p.dtype)
+                if isinstance(child, nn.Linear):
+                    _init_head(child)
+        model.rotary = source.rotary
+        model.train(source.training)
+        return model
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.embed.weight
@@ -357,6 +387,16 @@ class StableLM(StableLMModel):
 
 
 # ---------------------------------------------------------------- classification heads
+def _init_head(linear: nn.Linear) -> nn.Linear:
+    # transformers' StableLM init for a new head: N(0, initializer_range = 0.02), bias 0.
+    if linear.weight.device.type != "meta":
+        with torch.no_grad():
+            linear.weight.normal_(0.0, 0.02)
+            if linear.bias is not None:
+                linear.bias.zero_()
+    return linear
+
+
 def last_token_index(input_ids: torch.Tensor | None, batch_size: int, pad_token_id: int | None):
     """The position each row is pooled at, by transformers' rule: the rightmost token != pad_token_id (so left
     and right padding both work, and a row of only padding pools at 0); -1 without a pad id (batch size 1 only)
@@ -408,7 +448,7 @@ class StableLMForSequenceClassification(StableLMModel):
     def __init__(self, config: StableLMConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = _init_head(nn.Linear(config.hidden_size, config.num_labels, bias=False))
 
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -423,7 +463,9 @@ class StableLMForSequenceClassification(StableLMModel):
         last = last_token_index(input_ids, B, self.config.pad_token_id)
         # score is per token, so scoring only the pooled rows equals transformers' score-then-pool, on B rows
         # instead of B * S.
-        logits = self.score(hidden[torch.arange(B, device=hidden.device), last])
+        pooled = hidden[torch.arange(B, device=hidden.device), last]
+        # A trained head may keep float32 weights over a bf16 decoder (see stablelm.classify).
+        logits = self.score(pooled.to(self.score.weight.dtype))
         loss = None if labels is None else sequence_classification_loss(logits, labels, self.config)
         return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
 
@@ -437,7 +479,7 @@ class StableLMForTokenClassification(StableLMModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else 0.0)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.score = _init_head(nn.Linear(config.hidden_size, config.num_labels, bias=True))
 
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -447,7 +489,7 @@ class StableLMForTokenClassification(StableLMModel):
         out = super().forward(input_ids, input_embeds=input_embeds, positions=positions,
                               attention_mask=attention_mask, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state if output_hidden_states else out
-        logits = self.score(self.dropout(hidden))
+        logits = self.score(self.dropout(hidden).to(self.score.weight.dtype))
         loss = None if labels is None else token_classification_loss(logits, labels, self.num_labels)
         return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
 
