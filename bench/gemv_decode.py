@@ -3,9 +3,9 @@ weights: StableLM-3B shape, random weights, CUDA-graph decode step (stablelm.gra
 
     python -m bench.gemv_decode [--tuned gemv_sweep.json] [--batches 1,8,32] [--out gemv_decode.json]
 
-bf16: every nn.Linear but lm_head (the model calls F.linear for it) is swapped for a module calling the linear op's
-"triton" implementation (what wiring ops.linear into the model gives); int8 / int4 (group 128): quant_linear gets
-an implementation "gemv" (kernels.gemv for M <= MAX_M, the tiled kernel above) registered through stablelm.ops.
+bf16: every nn.Linear is swapped for a module calling the linear op's "triton" implementation (what wiring
+ops.linear into the model gives; the model still calls nn.Linear); int8 / int4 (group 128): quant_linear "tiled"
+(the tiled kernel at every M) vs "triton" (kernels.gemv where kernels.gemv.prefer_gemv says, else tiled).
 --tuned loads the best configs of a bench.gemv_sweep JSON into kernels.gemv.TUNED first.
 """
 from __future__ import annotations
@@ -59,14 +59,6 @@ class _GemvLinear(nn.Module):
         return G.linear_triton(x, self.weight, self.bias)
 
 
-def quant_linear_gemv(x, qweight, scales, zeros, bias, bits, group_size):
-    M = x.numel() // x.shape[-1]
-    if M <= G.MAX_M:
-        Q._check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
-        return G.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size)
-    return Q.quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size)
-
-
 def load_tuned(path):
     try:
         rows = json.load(open(path))["rows"]
@@ -90,7 +82,6 @@ def main():
     args = ap.parse_args()
     if args.tuned:
         print("tuned configs:", load_tuned(args.tuned), flush=True)
-    ops.register("quant_linear", "gemv", quant_linear_gemv)
     cfg = preset("stablelm-3b-4e1t")
     copy_gbs = copy_bandwidth_gbs()
     rows = []
@@ -104,7 +95,7 @@ def main():
             except ImportError:
                 quantize_model = Q.quantize_model
             quantize_model(model, {"int8": 8, "int4": 4}[fmt], 128)
-            impls = {"tiled": dict(quant_linear="triton"), "gemv": dict(quant_linear="gemv")}
+            impls = {"tiled": dict(quant_linear="tiled"), "gemv": dict(quant_linear="triton")}
             swap = None
         else:
             impls = {"cublas": {}, "gemv": {}}

@@ -120,7 +120,7 @@ def main():
 
     from bench.common import bench_ms, copy_bandwidth_gbs, environment, markdown_table, write_json
     from kernels.gemv import gemv
-    from kernels.quant import quant_linear_triton
+    from kernels.quant import quant_linear_tiled
 
     ms_list = [int(v) for v in args.ms.split(",")]
     bits_list = [int(v) for v in args.bits.split(",")]
@@ -164,7 +164,7 @@ def main():
                     base = lambda x, w, s, z: F.linear(x, w)  # noqa: E731
                 else:
                     base_name = "tiled_quant"
-                    base = lambda x, w, s, z: quant_linear_triton(x, w, s, z, None, bits, GROUP)  # noqa: E731
+                    base = lambda x, w, s, z: quant_linear_tiled(x, w, s, z, None, bits, GROUP)  # noqa: E731
                 base_ms = time_calls(base, sets)
                 ref = base(x, *w0).float()
                 result = dict(shape=name, N=N, K=K, bits=bits, M=M, baseline=base_name, baseline_us=base_ms * 1e3,

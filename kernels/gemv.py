@@ -3,9 +3,9 @@ int8 / int4 in kernels/quant.py's formats, dequantised in registers. Memory boun
 
 Op (stablelm.ops.linear): linear(x, weight, bias) -> F.linear(x, weight, bias), x [..., K], weight [N, K] in x's
 dtype, bias [N] or None, output [..., N] in x's dtype. "torch" is F.linear (cuBLAS on CUDA); "triton" runs the
-kernels below when the flattened M is at most MAX_M and falls back to F.linear otherwise (prefill).
-Quantized weights reach the same kernels through quant_gemv, which kernels/quant.py's quant_linear calls for
-small M (same arguments and formats as quant_linear; reference: kernels.quant.quant_linear_ref).
+kernels below where prefer_gemv says they are faster (flattened M == 1 today) and F.linear otherwise.
+Quantized weights reach the same kernels through quant_gemv, which kernels/quant.py's "triton" quant_linear calls
+where prefer_gemv says so (same arguments and formats as quant_linear; reference: kernels.quant.quant_linear_ref).
 
 Weight formats read here (kernels/quant.py's docstring is the definition; nothing is re-laid at conversion):
   bits 16  weight [N, K] in x's dtype, rows contiguous.
@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_UNROLL = 16  # K tiles per program unrolled in the CUDA-core kernel (more: a loop)
 MAX_M = 64  # above this the matmul is no longer bound by the weight read: F.linear / the tiled quant matmul
 
 # Exponent-trick constants (see the module docstring).
@@ -53,42 +54,64 @@ def linear_ref(x, weight, bias=None):
 # Triton kernels
 
 @triton.jit
-def _fma_float_tile(x_row, w_rows, k0, K, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] float32 products x * w of float weights (MASKED: k >= K contributes 0)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    if MASKED:
-        k_ok = offs_k < K
-        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
-        w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+def _fma_tile(acc, X, W, S, Z, x_row, w_rows, rows, k0, K, KL, ssn, ssg,
+              BITS: tl.constexpr, GROUP: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + this K tile's products. bits 16 / 8: acc [BLOCK_N, BLOCK_K] += x * w (int8: x * code, the per-row
+    scale comes at the end); bits 4: acc [BLOCK_N, BLOCK_K // 8] (one column per int32 word of 8 codes)
+    += scale * sum_j x_j * code_j + zero * sum_j x_j, with one scale / zero per row (BLOCK_K divides GROUP).
+    MASKED: load units (elements; int4: words) at or past KL contribute 0."""
+    if BITS == 4:
+        WORDS: tl.constexpr = BLOCK_K // 8
+        offs_w = k0 // 8 + tl.arange(0, WORDS)
+        if MASKED:
+            words = tl.load(w_rows + offs_w[None, :], mask=(offs_w < KL)[None, :], other=0)
+        else:
+            words = tl.load(w_rows + offs_w[None, :])
+        x_base = x_row + offs_w * 8
+        part = tl.zeros(words.shape, dtype=tl.float32)
+        x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            if MASKED:
+                x_j = tl.load(x_base + j, mask=offs_w < KL, other=0.0).to(tl.float32)
+            else:
+                x_j = tl.load(x_base + j).to(tl.float32)
+            if j == 0:
+                nib = words & 15
+            else:
+                nib = (words >> (4 * j)) & 15
+            code = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            part += code * x_j[None, :]
+            x_sum += x_j
+        g = tl.minimum(k0, K - 1) // GROUP  # a tile past K (masked: part = x_sum = 0) reads the last group
+        scale = tl.load(S + rows * ssn + g * ssg).to(tl.float32)
+        zero = tl.load(Z + rows * ssn + g * ssg).to(tl.float32)
+        acc += part * scale[:, None] + zero[:, None] * x_sum[None, :]
     else:
-        x = tl.load(x_row + offs_k)
-        w = tl.load(w_rows + offs_k[None, :])
-    return w.to(tl.float32) * x.to(tl.float32)[None, :]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if MASKED:
+            k_ok = offs_k < K
+            x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0)
+        else:
+            x = tl.load(x_row + offs_k)
+            w = tl.load(w_rows + offs_k[None, :])
+        if BITS == 8:
+            w = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit
-def _fma_int8_tile(x_row, w_rows, k0, K, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] float32 products x * code of int8 codes (the per-row scale is applied at the end)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    if MASKED:
-        k_ok = offs_k < K
-        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
-        c = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0)
-    else:
-        x = tl.load(x_row + offs_k)
-        c = tl.load(w_rows + offs_k[None, :])
-    code = (c.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    return code * x.to(tl.float32)[None, :]
-
-
-@triton.jit
-def _gemv_fma_kernel(X, W, S, Z, BIAS, OUT, N, K, k_split, sxm, swn, ssn, ssg, som, sos,
+def _gemv_fma_kernel(X, W, S, Z, BIAS, OUT, N, K, KL, sxm, swn, ssn, ssg, som, sos,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
+                     UNROLL: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N), M, splits). OUT [M, N] (PARTIAL: float32 [splits, M, N], bias left out).
 
-    k_split is a multiple of BLOCK_K; only the tile that reaches K is masked (int4: K % BLOCK_K == 0 always).
-    Rows past N are clamped to row N - 1 so every weight load is unmasked along N; they are not stored.
+    Split s covers K tiles [s * TILES, (s + 1) * TILES); UNROLL unrolls them so all of a program's weight loads can
+    be in flight at once (a decode GEMV is a few microseconds: one load round trip per loop trip shows). EVEN:
+    every tile lies inside K, so no masks. KL: K in load units (elements; int4: int32 words, K // 8). Rows past N
+    are clamped to row N - 1 so weight loads are unmasked along N; they are not stored.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -97,44 +120,23 @@ def _gemv_fma_kernel(X, W, S, Z, BIAS, OUT, N, K, k_split, sxm, swn, ssn, ssg, s
     n_ok = offs_n < N
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     x_row = X + pid_m * sxm
-    k_begin = pid_k * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
-    k_full = k_begin + ((k_end - k_begin) // BLOCK_K) * BLOCK_K
+    w_rows = W + rows[:, None] * swn
+    k_begin = pid_k * (TILES * BLOCK_K)
     if BITS == 4:
-        # W is int32 words [N, K // 8]; a tile is [BLOCK_N, BLOCK_K // 8] words -> [BLOCK_N, BLOCK_K // 8, 8] codes.
-        # BLOCK_K divides GROUP, so a tile has one scale / zero per row.
-        WORDS: tl.constexpr = BLOCK_K // 8
-        w_rows = W + rows[:, None] * swn
-        shifts = (tl.arange(0, 8) * 4)[None, None, :]
-        x_offs = tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]
-        acc = tl.zeros((BLOCK_N, WORDS, 8), dtype=tl.float32)
-        for k0 in range(k_begin, k_full, BLOCK_K):
-            words = tl.load(w_rows + (k0 // 8 + tl.arange(0, WORDS))[None, :])
-            codes = (words[:, :, None] >> shifts) & 15
-            code = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            g = k0 // GROUP
-            scale = tl.load(S + rows * ssn + g * ssg).to(tl.float32)
-            zero = tl.load(Z + rows * ssn + g * ssg).to(tl.float32)
-            w = code * scale[:, None, None] + zero[:, None, None]
-            x = tl.load(x_row + k0 + x_offs).to(tl.float32)
-            acc += w * x[None, :, :]
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     else:
-        w_rows = W + rows[:, None] * swn
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_begin, k_full, BLOCK_K):
-            if BITS == 8:
-                acc += _fma_int8_tile(x_row, w_rows, k0, K, False, BLOCK_K)
-            else:
-                acc += _fma_float_tile(x_row, w_rows, k0, K, False, BLOCK_K)
-        if k_full < k_end:
-            if BITS == 8:
-                acc += _fma_int8_tile(x_row, w_rows, k_full, K, True, BLOCK_K)
-            else:
-                acc += _fma_float_tile(x_row, w_rows, k_full, K, True, BLOCK_K)
-        out = tl.sum(acc, axis=1)
-        if BITS == 8:
-            out *= tl.load(S + rows * ssn).to(tl.float32)
+    if UNROLL:
+        for t in tl.static_range(TILES):
+            acc = _fma_tile(acc, X, W, S, Z, x_row, w_rows, rows, k_begin + t * BLOCK_K, K, KL, ssn, ssg,
+                            BITS, GROUP, not EVEN, BLOCK_K)
+    else:
+        for t in range(TILES):
+            acc = _fma_tile(acc, X, W, S, Z, x_row, w_rows, rows, k_begin + t * BLOCK_K, K, KL, ssn, ssg,
+                            BITS, GROUP, not EVEN, BLOCK_K)
+    out = tl.sum(acc, axis=1)
+    if BITS == 8:
+        out *= tl.load(S + rows * ssn).to(tl.float32)
     if PARTIAL:
         tl.store(OUT + pid_k * sos + pid_m * som + offs_n, out, mask=n_ok)
     else:
@@ -284,7 +286,24 @@ def _sm_count(device: torch.device) -> int:
 # Measured tilings: (bits, M bucket = next power of two >= M, N, K) -> (block_m, block_n, block_k, split_k,
 # num_warps, num_stages), the fastest of bench/gemv_sweep.py's candidates on an H200 (int4 at group_size 128).
 # Shapes not listed take the heuristic below.
-TUNED: dict = {}
+TUNED: dict = {
+    # M = 1, bench/results/gemv_h200.json (run 2): time per call vs cuBLAS / the tiled quant kernel
+    (16, 1, 7680, 2560): (1, 8, 256, 1, 4, 2),  # qkv: 12.6 us vs cuBLAS 13.3
+    (16, 1, 2560, 2560): (1, 16, 512, 1, 8, 2),  # o: 6.3 us vs cuBLAS 7.4
+    (16, 1, 13824, 2560): (1, 8, 256, 1, 4, 2),  # gate_up: 21.9 us vs cuBLAS 22.5
+    (16, 1, 2560, 6912): (1, 4, 1024, 1, 4, 2),  # down: 12.2 us vs cuBLAS 15.0
+    (16, 1, 50304, 2560): (1, 16, 512, 1, 8, 2),  # lm_head: 64.5 us vs cuBLAS 69.0
+    (8, 1, 7680, 2560): (1, 32, 512, 1, 8, 2),  # qkv: 8.7 us vs tiled 12.0
+    (8, 1, 2560, 2560): (1, 32, 512, 1, 8, 2),  # o: 5.4 us vs tiled 7.9
+    (8, 1, 13824, 2560): (1, 32, 256, 1, 4, 2),  # gate_up: 13.8 us vs tiled 17.7
+    (8, 1, 2560, 6912): (1, 8, 1024, 1, 4, 2),  # down: 9.6 us vs tiled 11.9
+    (8, 1, 50304, 2560): (1, 32, 256, 1, 4, 2),  # lm_head: 40.0 us vs tiled 46.3
+    (4, 1, 7680, 2560): (1, 32, 128, 1, 4, 2),  # qkv: 21.5 us vs tiled 12.6 (int4 is not routed here)
+    (4, 1, 2560, 2560): (1, 32, 128, 4, 4, 2),  # o: 8.7 us vs tiled 8.6
+    (4, 1, 13824, 2560): (1, 32, 128, 1, 4, 2),  # gate_up: 24.1 us vs tiled 17.5
+    (4, 1, 2560, 6912): (1, 32, 128, 4, 4, 2),  # down: 22.7 us vs tiled 13.7
+    (4, 1, 50304, 2560): (1, 128, 128, 1, 8, 2),  # lm_head: 46.5 us vs tiled 48.8
+}
 
 
 def _m_bucket(M: int) -> int:
@@ -382,8 +401,11 @@ def gemv(x2, weight, scales=None, zeros=None, bias=None, bits: int = 16, group_s
                   num_warps=config.num_warps, num_stages=config.num_stages)
     sos = target.stride(0) if n_splits > 1 else 0
     if config.block_m == 1:
+        tiles_per_split = k_split // bk
         grid = (triton.cdiv(N, config.block_n), M, n_splits)
-        _gemv_fma_kernel[grid](*args, N, K, k_split, x2.stride(0), weight.stride(0), ssn, ssg, N, sos, **common)
+        _gemv_fma_kernel[grid](*args, N, K, K // 8 if bits == 4 else K, x2.stride(0), weight.stride(0), ssn, ssg,
+                               N, sos, TILES=tiles_per_split, EVEN=K % (k_split) == 0,
+                               UNROLL=tiles_per_split <= MAX_UNROLL, **common)
     else:
         magic = {torch.bfloat16: 1, torch.float16: 2}.get(x2.dtype, 0) if bits == 4 else 0
         grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), n_splits)
@@ -404,11 +426,20 @@ def quant_gemv(x, qweight, scales, zeros, bias, bits, group_size):
     return out.view(*x.shape[:-1], qweight.shape[0])
 
 
+def prefer_gemv(M: int, bits: int) -> bool:
+    """Whether these kernels beat the alternative (cuBLAS for float weights, kernels/quant.py's tiled kernel for
+    int8 / int4) at M rows. On an H200 (bench/results/gemv_h200.json): at M = 1 the CUDA-core kernel wins on every
+    StableLM-3B shape for bf16 (1.03-1.23x) and int8 (1.16-1.46x), but int4 loses on qkv / gate_up / down (ALU
+    bound: ~5 instructions per 4-bit weight); the tensor-core kernel loses at 2 <= M <= 32 for every format.
+    Those paths stay available through gemv(config=)."""
+    return M == 1 and bits != 4
+
+
 def linear_triton(x, weight, bias=None):
-    """The linear op through gemv when the flattened M is at most MAX_M, else F.linear (cuBLAS)."""
+    """The linear op through gemv where prefer_gemv says it is faster (decode at batch 1), else F.linear."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    if (M == 0 or M > MAX_M or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype or weight.dim() != 2
+    if (M == 0 or M > MAX_M or not prefer_gemv(M, 16) or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype or weight.dim() != 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
     out = gemv(x.reshape(M, K), weight, bias=bias)

@@ -77,6 +77,17 @@ def test_gemv_default_config_and_no_bias(M):
         check(gemv(x, w, s, z, None, bits, 32), reference(x, wf, None), torch.float32)
 
 
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_gemv_loop_path_and_short_last_split(bits, monkeypatch):
+    import kernels.gemv as G
+    # K = 320: 10 tiles of 32 in splits of 4 -> 4 + 4 + 2 (the last split's two trailing tiles are past K).
+    x, (w, s, z), b, wf = make(2, 19, 320, bits, torch.float32, seed=13)
+    for unroll in (16, 1):
+        monkeypatch.setattr(G, "MAX_UNROLL", unroll)
+        out = gemv(x, w, s, z, b, bits, 32, config=GemvConfig(1, 8, 32, split_k=3))
+        check(out, reference(x, wf, b), torch.float32)
+
+
 def test_int4_wide_rows_and_large_values():
     # Offsets and magnitudes far from 0/1: the exponent trick must give exact codes, zeros added per group.
     gen = torch.Generator().manual_seed(7)
@@ -165,8 +176,8 @@ def test_gpu_split_and_tile_variants():
     for bits in (16, 8, 4):
         x, (w, s, z), b, wf = make(3, N, K, bits, torch.bfloat16, group_size=128, seed=bits)
         ref = reference(x, wf, b)
-        for cfg in (GemvConfig(1, 16, 256, 4), GemvConfig(1, 64, 128, 1, 8), GemvConfig(16, 64, 128, 3),
-                    GemvConfig(32, 128, 64, 1, 8)):
+        for cfg in (GemvConfig(1, 16, 256 if bits != 4 else 128, 4), GemvConfig(1, 64, 128, 1, 8),
+                    GemvConfig(1, 32, 64, 1), GemvConfig(16, 64, 128, 3), GemvConfig(32, 128, 64, 1, 8)):
             out = gemv(x, w, s, z, b, bits, 128, config=cfg)
             rel = ((out.float() - ref).norm() / ref.norm()).item()
             assert rel < 4e-3, (cfg, rel)
