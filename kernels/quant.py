@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
+from kernels import gemv as _gemv
 from kernels._common import FLOAT_DTYPES, sm_count
 
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
@@ -398,13 +399,24 @@ def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: Qua
     return out
 
 
-def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
-    """Triton quant_linear: x [..., K] -> [..., N]; tiling from choose_config. Inference only."""
+def quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size):
+    """quant_linear through the tiled kernel above at every M: x [..., K] -> [..., N]; tiling from choose_config."""
     N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
     x2 = x.reshape(x.shape[:-1].numel(), K)  # not -1: ambiguous when K == 0
     cfg = choose_config(x2.shape[0], N, K, bits, group_size, x.device)
     return quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, cfg).view(*x.shape[:-1], N)
 
 
-IMPLEMENTATIONS = {"quant_linear": {"torch": quant_linear_ref, "triton": quant_linear_triton}}
+def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
+    """Triton quant_linear: kernels/gemv.py's decode GEMV where it measures faster (kernels.gemv.prefer_gemv:
+    batch-1 decode), the tiled kernel otherwise. Inference only."""
+    N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
+    M = x.shape[:-1].numel()
+    if M > 0 and K > 0 and _gemv.prefer_gemv(M, bits):
+        return _gemv.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size)
+    return quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+IMPLEMENTATIONS = {"quant_linear": {"torch": quant_linear_ref, "triton": quant_linear_triton,
+                                    "tiled": quant_linear_tiled}}
 

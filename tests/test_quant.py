@@ -85,7 +85,7 @@ def test_quantize_bf16_and_meta_weights():
 
 # ------------------------------------------------------------------------------------------------ the op
 def test_registered_in_op_table():
-    assert ops.available("quant_linear") == ["torch", "triton"]
+    assert ops.available("quant_linear") == ["tiled", "torch", "triton"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
