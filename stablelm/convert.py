@@ -71,9 +71,15 @@ WEIGHT_MAP = {
 }
 # The task classes put the decoder under `model.`; transformers saves a bare StableLmModel without that prefix.
 _BARE_MODEL = "StableLmModel"
-# Tensors only some classes have: a mismatch in these means config.architectures does not fit the weights.
-_HEAD_TENSORS = {"lm_head.weight": "StableLmForCausalLM (untied)", "score.weight": "a classification head",
-                 "score.bias": "StableLmForTokenClassification"}
+# Which class a set of head tensors belongs to (by role: a quantized head's qweight/scales/zeros are its weight).
+_HEAD_CLASSES = {(): "StableLmModel or a tied StableLmForCausalLM", ("lm_head.weight",): "StableLmForCausalLM",
+                 ("score.weight",): "StableLmForSequenceClassification",
+                 ("score.bias", "score.weight"): "StableLmForTokenClassification"}
+
+
+def _heads(names) -> tuple[str, ...]:
+    return tuple(sorted({f"{n.split('.')[0]}.{'bias' if n.endswith('.bias') else 'weight'}" for n in names
+                         if n.split(".")[0] in ("lm_head", "score")}))
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -125,10 +131,10 @@ def check_tensors(tensors: dict, expected: dict[str, tuple], what: str) -> None:
         problems.append(f"unexpected tensors: {extra}")
     if wrong:
         problems.append(f"wrong shapes: {wrong}")
-    heads = sorted(n for n in set(missing) | set(extra) if n in _HEAD_TENSORS)
-    if heads:
-        problems.append("the head tensors (" + ", ".join(f"{n}: {_HEAD_TENSORS[n]}" for n in heads) + ") do not "
-                        "fit the class config.json's `architectures` names: the checkpoint is another StableLM class")
+    have, want = _heads(tensors), _heads(expected)
+    if have != want:
+        problems.append(f"its head tensors {list(have)} are those of {_HEAD_CLASSES.get(have, 'no StableLM class')}, "
+                        f"not of the {_HEAD_CLASSES.get(want, want)} that config.json's `architectures` names")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 

@@ -435,3 +435,18 @@ def test_cli_trains_and_evaluates(tmp_path):
     result = classify.main(["evaluate", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "val.jsonl"),
                             "--device", "cpu"])
     assert result["accuracy"] == metrics["history"][-1]["accuracy"]
+
+
+@pytest.mark.xfail(strict=True, reason="stablelm/quantize.py: quantize_model quantizes every nn.Linear but "
+                   "skips only lm_head, while quantize_state_dict quantizes the decoder's linears only, so a head's "
+                   "`score` is float in the converted file but quantized in the model load builds")
+def test_quantized_classifier_loads(tmp_path):
+    src, dst = tmp_path / "hf", tmp_path / "int8"
+    hf = hf_model("StableLmForSequenceClassification", num_labels=3, hidden_size=128, intermediate_size=352)
+    hf.save_pretrained(src)
+    convert_weights.main([str(src), str(dst), "--quant", "int8"])
+    ids, mask, positions = batch("right")
+    with torch.no_grad():
+        out = stablelm.load(dst)(ids, attention_mask=mask).logits
+        ref = hf(ids, attention_mask=mask, position_ids=positions).logits
+    assert (out - ref).abs().max() < 5e-2
