@@ -133,7 +133,9 @@ def _cast(tensors: dict, dtype: str | None) -> dict:
 
 # ---------------------------------------------------------------- loading a model
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """A StableLM from a converted directory (or, converting in memory, a Hugging Face checkpoint directory).
+    """The model of a converted directory (or, converting in memory, a Hugging Face checkpoint directory), of the
+    class its config's `architectures` names: StableLM, StableLMModel, StableLMForSequenceClassification or
+    StableLMForTokenClassification (stablelm.model.MODEL_CLASSES).
 
     dtype: torch dtype or "fp32"/"bf16"/"fp16"; None keeps the stored dtype (quantized tensors keep theirs).
     """
