@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from stablelm.checkpoint import DTYPES
-from stablelm.cli import add_convert_arguments, run_convert
+from stablelm.cli import add_convert_arguments, report_user_errors, run_convert
 
 
 def vision_to_project(src, dst, dtype=None, overwrite=False) -> None:
@@ -24,19 +24,29 @@ def vision_to_project(src, dst, dtype=None, overwrite=False) -> None:
     save_converted(encoder, dst, overwrite=overwrite)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_convert_arguments(ap)
-    ap.add_argument("--vision", action="store_true", help="SRC is a transformers SwinModel (the image encoder)")
-    args = ap.parse_args(argv)
+def convert(args, parser) -> int:
     if not args.vision:
-        return run_convert(args, ap)
-    if args.quant or args.to_hf:
-        ap.error("--vision converts a Swin checkpoint to the project format only")
+        return run_convert(args, parser)
+    if args.quant or args.to_hf or args.group_size is not None:
+        parser.error("--vision converts a Swin checkpoint to the project format only (no --quant/--to-hf)")
     vision_to_project(args.src, args.dst, args.dtype, args.overwrite)
     print(f"wrote {args.dst}")
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_convert_arguments(parser)
+    parser.add_argument("--vision", action="store_true", help="SRC is a transformers SwinModel (the image encoder)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Convert as the arguments say; errors propagate as exceptions (to callers and tests)."""
+    parser = build_parser()
+    return convert(parser.parse_args(argv), parser)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = build_parser()
+    sys.exit(report_user_errors(convert, parser.parse_args(), parser))

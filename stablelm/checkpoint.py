@@ -1,54 +1,103 @@
 """Checkpoint I/O: the converted format (reading, writing atomically), converting whole directories, `load`.
 
-The converted format is a directory with `model.safetensors` (project names: fused `qkv` and `gate_up`),
+The converted format is a directory with `model.safetensors` (project names: fused `qkv` and `gate_up`; its
+metadata records the LAYOUT_FIELDS the weights were converted with, checked against config.json on load),
 `config.json` ({"format": "stablelm", "version": 1, "config": StableLMConfig fields, "quantization": null or
-{"bits", "group_size"}}) and the tokenizer files copied from the source. The tensor layout mapping and the
-reading of Hugging Face directories are stablelm/convert.py's.
+{"bits", "group_size"}}), the tokenizer files copied from the source (chat_template.jinja included) and
+`.stablelm-output.json`, the list of what was written. The tensor layout mapping and the reading of Hugging Face
+directories are stablelm/convert.py's.
+
+Every directory is written by `atomic_dir`: into a temporary beside it, renamed into place at the end, removed on
+an error or SIGTERM/SIGHUP/SIGINT; it never replaces a file, the source, or a non-empty directory it did not write.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import StableLMConfig
-from .convert import (CheckpointError, check_tensors, hf_to_project, meta_model, project_to_hf, read_hf_tensors,
-                      read_json, read_tensor_file)
+from .convert import (LAYOUT_FIELDS, CheckpointError, check_tensors, hf_to_project, meta_model, project_to_hf,
+                      read_hf_tensors, read_json, read_tensor_file, tensor_file_metadata)
 from .model import Rotary
 from .quantize import quantize_model, quantize_state_dict
 
 FORMAT = "stablelm"
 VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt")
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT_BITS = {"int8": 8, "int4": 4}
+INT4_GROUP_SIZE = 128
+LAYOUT_KEY = "stablelm_layout"      # model.safetensors metadata: the LAYOUT_FIELDS the weights were converted with
+MANIFEST = ".stablelm-output.json"  # what atomic_dir wrote into a directory, so --overwrite knows what it may delete
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 # ---------------------------------------------------------------- reading
-def read_hf_dir(path: str | Path) -> tuple[StableLMConfig, dict]:
+def read_hf_dir(path: str | Path, progress: bool = False) -> tuple[StableLMConfig, dict]:
     """(config, tensors in the project layout) of a Hugging Face checkpoint directory."""
     path = Path(path)
-    cfg = StableLMConfig.from_hf(read_json(path / "config.json"))
-    return cfg, hf_to_project(read_hf_tensors(path), cfg)
+    cfg = _config(path / "config.json", StableLMConfig.from_hf)
+    return cfg, hf_to_project(read_hf_tensors(path, progress), cfg)
 
 
 def read_project_dir(path: str | Path, device="cpu"):
     """(StableLMConfig, quantization or None, tensors) of a converted directory."""
+    cfg, quant, weights = read_project_header(path)
+    return cfg, quant, read_tensor_file(weights, device)
+
+
+def read_project_header(path: str | Path):
+    """(StableLMConfig, quantization or None, path of model.safetensors) of a converted directory, checked, with
+    no tensor read (tensor-parallel ranks read their slices themselves)."""
     path = Path(path)
     meta = read_json(path / "config.json")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}/config.json is not a converted stablelm checkpoint (run convert_weights.py)")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('version')} unsupported (expected {VERSION})")
-    cfg = StableLMConfig.from_dict(meta["config"])
-    return cfg, meta.get("quantization"), read_tensor_file(path / "model.safetensors", device)
+    cfg = _config(path / "config.json", lambda m: StableLMConfig.from_dict(m["config"]), meta)
+    weights = path / "model.safetensors"
+    _check_layout(cfg, tensor_file_metadata(weights), path)
+    return cfg, meta.get("quantization"), weights
+
+
+def _config(path: Path, parse, meta: dict | None = None) -> StableLMConfig:
+    # A config that does not parse is an error about that file.
+    try:
+        return parse(read_json(path) if meta is None else meta)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _check_layout(cfg: StableLMConfig, metadata: dict, path: Path) -> None:
+    """config.json must still say what the weights were converted with (LAYOUT_FIELDS): a changed head count or
+    rotary fraction keeps every shape, so nothing else would notice the forward pass changing."""
+    if LAYOUT_KEY not in metadata:
+        return  # written before the layout was recorded
+    try:
+        stored = json.loads(metadata[LAYOUT_KEY])
+        changed = [f"{k}: converted with {v!r}, config.json says {getattr(cfg, k)!r}"
+                   for k, v in stored.items() if getattr(cfg, k) != v]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}/model.safetensors: unreadable {LAYOUT_KEY} metadata ({e})") from e
+    if changed:
+        raise CheckpointError(f"{path}: config.json does not match the weights ({'; '.join(changed)}); convert "
+                              f"the checkpoint again instead of editing its config")
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -57,33 +106,156 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------- writing
+class Interrupted(BaseException):
+    """A signal (SIGTERM, SIGHUP, SIGINT) arrived while atomic_dir was writing; like KeyboardInterrupt, it is no
+    Exception, so nothing on the way out swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def atomic_dir(dst: str | Path, overwrite: bool = False):
-    """Yield a temporary directory beside `dst`; on success it is renamed to `dst`, on any error removed, so an
-    interrupted run leaves neither a half-written dst nor the temporary."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists (pass overwrite / --overwrite to replace it)")
+def atomic_dir(dst: str | Path, overwrite: bool = False, src: str | Path | None = None):
+    """Yield a new temporary directory beside `dst`; on success it is renamed to `dst`, on any error or catchable
+    signal removed, so an interrupted run leaves neither a half-written dst nor the temporary.
+
+    Nothing is touched unless `dst` may be written: it must not be a file, nor be or contain `src`; an existing
+    `dst` is replaced only with `overwrite`, and only if it is empty or an earlier output of this function holding
+    nothing else. The temporary is `.NAME.tmp-PID-XXXX`; one left by a run that was killed outright (SIGKILL, a
+    power cut) is removed here once its PID is gone. Directories get the mode the umask gives (not mkdtemp's 0700).
+    """
+    dst = _writable_destination(Path(dst), overwrite, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    _remove_stale_temporaries(dst)
+    with _signals_raise_interrupted():
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir()  # a signal right after this leaves it to the next run's stale-temporary cleanup
+        try:
+            yield tmp
+            _follow_umask(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(
+                {"written_by": "stablelm", "files": sorted(p.name for p in tmp.iterdir())}, indent=2))
+            _move_into_place(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _follow_umask(directory: Path) -> None:
+    # mkdir applied the umask to the directory; safetensors writes its files 0600, so give them the same bits.
+    mode = directory.stat().st_mode & 0o666
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(mode)
+
+
+def _writable_destination(dst: Path, overwrite: bool, src) -> Path:
+    """dst with symlinks resolved, or FileExistsError saying why it may not be written."""
+    dst = dst.expanduser().resolve()
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file, not a directory; nothing was written")
+    if src is not None:
+        src = Path(src).expanduser().resolve()
+        if dst == src or dst in src.parents:
+            raise FileExistsError(f"{dst} {'is' if dst == src else 'contains'} the source {src}; write elsewhere")
+    if not dst.exists():
+        return dst
+    if not overwrite:
+        raise FileExistsError(f"{dst} exists (pass overwrite / --overwrite to replace it)")
+    entries = {p.name for p in dst.iterdir()}
+    written = _written_here(dst)
+    if entries and written is None:
+        raise FileExistsError(f"{dst} is not the output of an earlier conversion; --overwrite replaces only those "
+                              f"(or an empty directory): remove it yourself or write elsewhere")
+    if extra := sorted(entries - (written or set())):
+        raise FileExistsError(f"{dst} holds files the converter did not write ({extra}); --overwrite would "
+                              f"delete them: move them or write elsewhere")
+    return dst
+
+
+def _written_here(directory: Path) -> set[str] | None:
+    """The names atomic_dir wrote into `directory` (its manifest), or None if it did not write it. A converted
+    directory from before the manifest is recognised by its config.json format tag."""
     try:
-        yield tmp
+        if (directory / MANIFEST).is_file():
+            return set(read_json(directory / MANIFEST)["files"]) | {MANIFEST}
+        if read_json(directory / "config.json").get("format") == FORMAT:
+            return {"config.json", "model.safetensors", *TOKENIZER_FILES}
+    except (OSError, KeyError, TypeError, CheckpointError):
+        pass
+    return None
+
+
+def _remove_stale_temporaries(dst: Path) -> None:
+    """Remove `.NAME.tmp-PID-*` (and `.NAME.old-PID`, once dst is in place) left by runs whose PID is gone."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(tmp|old)-(\d+)(-[0-9a-f]+)?")
+    for path in dst.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m and path.is_dir() and not _alive(int(m[2])) and (m[1] == "tmp" or dst.exists()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    # Signals wait while dst is swapped: between the two renames neither the old nor the new dst is in place.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old)
         else:
+            old = None
             os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted():
+    """While the block runs, SIGTERM/SIGHUP/SIGINT raise Interrupted (so the block's cleanup runs); afterwards the
+    previous handlers are back and the signal is raised again, so the process ends as it would have (killed by
+    it, or KeyboardInterrupt for SIGINT). An ignored signal (nohup's SIGHUP) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a writer in another thread cleans up on exceptions only
+        return
+    caught = []
+
+    def handler(signum, frame):
+        if not caught:  # a second signal must not cut the first one's cleanup short
+            caught.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if caught:
+            # Killed by the signal under the default handler; if a handler lets the process go on, Interrupted
+            # carries on out: the write did not happen.
+            signal.raise_signal(caught[0])
 
 
 def write_project_dir(out: Path, cfg: StableLMConfig, tensors: dict, quantization: dict | None = None) -> None:
-    """Write model.safetensors + config.json into an (already temporary) directory."""
+    """Write model.safetensors (recording the LAYOUT_FIELDS it was converted with) + config.json into an (already
+    temporary) directory."""
+    layout = json.dumps({k: getattr(cfg, k) for k in LAYOUT_FIELDS})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+              metadata={"format": "pt", LAYOUT_KEY: layout})
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "quantization": quantization}
     (out / "config.json").write_text(json.dumps(meta, indent=2))
 
@@ -99,36 +271,54 @@ def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
 
 # ---------------------------------------------------------------- converting directories
 def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, quant: str | None = None,
-                   group_size: int = 128, overwrite: bool = False) -> None:
-    """Write the converted form of the Hugging Face checkpoint `src` to `dst` (dtype: a DTYPES key; quant:
-    "int8" / "int4", weight-only, of the linear layers), with its tokenizer files."""
-    cfg, tensors = read_hf_dir(src)
-    tensors = _cast(tensors, dtype)
-    quantization = None
-    if quant is not None:
-        bits = QUANT_BITS[quant]
-        tensors = quantize_state_dict(tensors, bits, group_size)
-        quantization = {"bits": bits, "group_size": group_size}
-    with atomic_dir(dst, overwrite) as out:
+                   group_size: int | None = None, overwrite: bool = False, progress: bool = False) -> None:
+    """Write the converted form of the Hugging Face checkpoint `src` to `dst`, with its tokenizer files.
+
+    dtype: a DTYPES key (a value that overflows it is an error naming the tensor); quant: "int8" / "int4",
+    weight-only, of the linear layers; group_size: int4's (default INT4_GROUP_SIZE), meaningless for int8;
+    progress: bars on stderr while reading and converting.
+    """
+    if group_size is not None and quant != "int4":
+        raise ValueError(f"group_size applies to int4 quantization only (got quant={quant!r})")
+    with atomic_dir(dst, overwrite, src=src) as out:
+        cfg, tensors = read_hf_dir(src, progress)
+        tensors = _cast(tensors, dtype, progress)
+        quantization = None
+        if quant is not None:
+            bits = QUANT_BITS[quant]
+            group_size = INT4_GROUP_SIZE if bits == 4 and group_size is None else group_size
+            tensors = quantize_state_dict(tensors, bits, group_size)
+            quantization = {"bits": bits, "group_size": group_size}
         write_project_dir(out, cfg, tensors, quantization)
         copy_tokenizer_files(src, out)
 
 
-def export_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> None:
+def export_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
+                  progress: bool = False) -> None:
     """Write the converted checkpoint `src` back as a transformers checkpoint directory `dst`."""
-    cfg, quantization, tensors = read_project_dir(src)
-    if quantization:
-        raise ValueError(f"{src} is quantized ({quantization}); --to-hf needs an unquantized checkpoint")
-    tensors = _cast(project_to_hf(tensors, cfg), dtype)
-    with atomic_dir(dst, overwrite) as out:
+    with atomic_dir(dst, overwrite, src=src) as out:
+        cfg, quantization, tensors = read_project_dir(src)
+        if quantization:
+            raise ValueError(f"{src} is quantized ({quantization}); --to-hf needs an unquantized checkpoint")
+        tensors = _cast(project_to_hf(tensors, cfg), dtype, progress)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         copy_tokenizer_files(src, out)
 
 
-def _cast(tensors: dict, dtype: str | None) -> dict:
-    return tensors if dtype is None else {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+def _cast(tensors: dict, dtype: str | None, progress: bool = False) -> dict:
+    """Floating tensors in `dtype`; a finite value that becomes inf (fp16 tops out at 65504) is an error."""
+    if dtype is None:
+        return tensors
+    target, out = DTYPES[dtype], {}
+    for name, t in tqdm(tensors.items(), desc=f"converting to {dtype}", unit=" tensors", disable=not progress,
+                        file=sys.stderr):
+        out[name] = t.to(target) if t.is_floating_point() else t
+        if out[name].is_floating_point() and (torch.isinf(out[name]) & torch.isfinite(t)).any():
+            raise CheckpointError(f"{name}: values up to {t.abs().max().item():.4g} overflow {dtype} (largest "
+                                  f"{torch.finfo(target).max:.4g}); convert to bf16 or fp32 instead")
+    return out
 
 
 # ---------------------------------------------------------------- loading a model

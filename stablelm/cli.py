@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import oplab
-from .checkpoint import DTYPES, FORMAT, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir
+from .checkpoint import DTYPES, FORMAT, INT4_GROUP_SIZE, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir
 from .config import StableLMConfig, preset
 from .convert import project_shapes, weight_files
 
@@ -164,21 +164,25 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", type=Path)
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--quant", choices=sorted(QUANT_BITS), help="weight-only quantization of the linear layers")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim")
+    parser.add_argument("--group-size", type=int,
+                        help=f"int4 group size along the input dim (default {INT4_GROUP_SIZE}; int4 only)")
     parser.add_argument("--to-hf", action="store_true", help="convert a converted directory back to transformers")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is an earlier conversion's output or an empty directory")
 
 
 def run_convert(args, parser) -> int:
     """Convert SRC to DST as `args` (from add_convert_arguments) say."""
     if not (args.src / "config.json").exists():
         parser.error(f"{args.src}: no config.json")
+    if args.group_size is not None and args.quant != "int4":
+        parser.error("--group-size applies to --quant int4 only (int8 has one scale per output row)")
     if args.to_hf:
         if args.quant:
             parser.error("--quant applies to HF -> project conversion only")
-        export_hf_dir(args.src, args.dst, args.dtype, args.overwrite)
+        export_hf_dir(args.src, args.dst, args.dtype, args.overwrite, progress=True)
     else:
-        convert_hf_dir(args.src, args.dst, args.dtype, args.quant, args.group_size, args.overwrite)
+        convert_hf_dir(args.src, args.dst, args.dtype, args.quant, args.group_size, args.overwrite, progress=True)
     print(f"wrote {args.dst}")
     return 0
 
@@ -286,9 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_user_errors(handler, args, parser) -> int:
+    """handler(args, parser), with a user error (a bad or unreadable checkpoint, a refused destination, a missing
+    file) printed as `error: ...` with exit status 2 instead of a traceback."""
+    try:
+        return handler(args, parser)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        parser.error(str(e))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # check-op re-executes itself with them under the Triton interpreter on the CPU
-    return args.handler(args, args.subparser)
+    return report_user_errors(args.handler, args, args.subparser)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from .config import StableLMConfig
 from .model import StableLMModel, model_class
@@ -80,7 +82,15 @@ _HEAD_CLASSES = {(): "StableLmModel or a tied StableLmForCausalLM", ("lm_head.we
 def _heads(names) -> tuple[str, ...]:
     return tuple(sorted({f"{n.split('.')[0]}.{'bias' if n.endswith('.bias') else 'weight'}" for n in names
                          if n.split(".")[0] in ("lm_head", "score")}))
+
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# The config fields that say how the stored tensors are read without showing in their shapes (the head split of
+# qkv, how much of each head rotates, which norms and residual form apply): a converted checkpoint records them
+# and loading checks config.json still says the same (see stablelm.checkpoint).
+LAYOUT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "partial_rotary_factor", "use_qkv_bias", "qk_layernorm",
+                 "use_parallel_residual", "tie_word_embeddings")
 
 
 # ---------------------------------------------------------------- expected tensors
@@ -185,7 +195,10 @@ def weight_files(directory: str | Path) -> list[Path]:
         if (directory / single).exists():
             return [directory / single]
         if (directory / index).exists():
-            files = [directory / name for name in sorted(set(read_json(directory / index)["weight_map"].values()))]
+            weight_map = read_json(directory / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{directory / index}: no weight_map of tensor name -> shard file")
+            files = [directory / name for name in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.exists():
                     raise FileNotFoundError(f"shard listed in the index is missing: {f}")
@@ -198,19 +211,56 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 def read_tensor_file(path: Path, device="cpu") -> dict:
     """All tensors of one .safetensors or .bin file (a .bin is read with weights_only=True: no code runs)."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    return dict(_tensors_of(Path(path), device))
 
 
-def read_hf_tensors(directory: str | Path) -> dict:
-    """All tensors of a Hugging Face checkpoint directory, whatever its shard layout (see weight_files)."""
+def _tensors_of(path: Path, device="cpu"):
+    """(name, tensor) pairs of one weight file; a file that cannot be read is a CheckpointError naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            return
+        tensors = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors, zip and unpickler errors alike: what matters is which file
+        raise CheckpointError(f"{path}: not a readable {path.suffix[1:]} weight file ({e})") from e
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{path}: holds {type(tensors).__name__}, not a dict of tensors")
+    yield from tensors.items()
+
+
+def tensor_file_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_hf_tensors(directory: str | Path, progress: bool = False) -> dict:
+    """All tensors of a Hugging Face checkpoint directory, whatever its shard layout (see weight_files);
+    progress: a bar on stderr, one step per tensor."""
     tensors = {}
-    for f in weight_files(directory):
-        tensors.update(read_tensor_file(f))
+    with tqdm(desc=f"reading {directory}", unit=" tensors", disable=not progress, file=sys.stderr) as bar:
+        for f in weight_files(directory):
+            for name, t in _tensors_of(f):
+                tensors[name] = t
+                bar.update()
     return tensors
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON object from a file; a file that is not one is a CheckpointError naming it."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -370,7 +370,8 @@ def model_verdict(op: str, impl: str, device: str, new_tokens: int = 8) -> dict:
     ref_logits, ref_tokens = run("torch")
     logits, tokens = run(impl)
     scale = hf_logits[valid].abs().max().item()
-    limit = 1e-3 * scale + 1e-4  # fp32 through the whole model: a few ulp per layer
+    # fp32 through the whole model: a few ulp per layer; on a GPU, 32 layers and tf32-level attention products.
+    limit = (1e-3 if device.startswith("cuda") else 2e-4) * scale + 1e-5
 
     def err(a, b):
         return (a[valid] - b[valid]).abs().max().item()
