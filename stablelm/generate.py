@@ -57,7 +57,9 @@ from .model import DEFAULT_PREFILL_CHUNK
 # transformers' stand-in for "impossible" in beam scores; the same constant keeps ties and sums identical.
 _IMPOSSIBLE = -1.0e9
 EARLY_STOPPING = (False, True, "never")
-DEFAULT_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths share a recording
+# Cache lengths are rounded up to a multiple of this, so nearby lengths share a recording. Off CUDA nothing is
+# recorded and the reference decode attention reads every slot, so the CPU rounds to less.
+DEFAULT_BUCKET = {"cuda": 256, "cpu": 64}
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -386,7 +388,7 @@ def _free_cuda_bytes(device: torch.device) -> int:
 class DecodeSession:
     """Owns the KV caches and the recorded decode steps of one model, reused across generate() calls.
 
-    One cache per (batch, max_len rounded up to a multiple of `bucket`), at most `max_buckets` of them (the
+    One cache per (batch, max_len rounded up to a multiple of `bucket`: default 256 on CUDA, 64 on the CPU), at most `max_buckets` of them (the
     least recently used goes first, and on CUDA before a new cache would not fit in free memory). Per bucket, a
     step is built once per key: (kind, selection settings, ops choice, builder), so `ops.use(...)` between calls
     takes effect (a new recording) instead of being silently ignored. `builder` (stablelm.graph) chooses how
@@ -394,8 +396,10 @@ class DecodeSession:
     counts the steps built (recorded) so far, on any device.
     """
 
-    def __init__(self, model, *, builder=None, bucket: int = DEFAULT_BUCKET, max_buckets: int = 4,
+    def __init__(self, model, *, builder=None, bucket: int | None = None, max_buckets: int = 4,
                  _weak: bool = False):
+        if bucket is None:
+            bucket = DEFAULT_BUCKET.get(model.embed.weight.device.type, DEFAULT_BUCKET["cuda"])
         if not isinstance(bucket, int) or bucket < 1 or not isinstance(max_buckets, int) or max_buckets < 1:
             raise ValueError("bucket and max_buckets must be positive integers")
         self._model = weakref.ref(model) if _weak else (lambda: model)

@@ -301,7 +301,7 @@ def test_builder_replaces_the_decode_step(pair):
         out = generate(model, ids, attention_mask=mask, max_new_tokens=9, stop_ids=[], session=session, **kw)
         assert torch.equal(out, generate(model, ids, attention_mask=mask, max_new_tokens=9, stop_ids=[], **kw))
         assert len(steps) == 8  # the prefill gives the first token, one step per further token
-        assert session.buckets() == [(2 * kw.get("num_beams", 1), 256)]
+        assert session.buckets() == [(2 * kw.get("num_beams", 1), 64)]
 
 
 @pytest.mark.gpu

@@ -60,21 +60,24 @@ class Counting(EagerBuilder):
 
 def test_second_call_reuses_the_cache_and_step(pair):
     hf, model = pair
-    session = DecodeSession(model)
-    for i, (length, new, beams) in enumerate([(10, 24, 1), (7, 30, 1), (12, 20, 1), (9, 16, 3), (11, 12, 3)]):
+    session = DecodeSession(model, bucket=32)
+    shapes = [(10, 24, 1), (7, 30, 1), (12, 20, 1), (9, 16, 3), (11, 12, 3)]  # prompt, new tokens, beams
+    for i, (length, new, beams) in enumerate(shapes + shapes):
         ids, mask = prompts(length=length, pad=(3, 0))
         kw = dict(max_new_tokens=new, num_beams=beams)
         ours = session.generate(ids, attention_mask=mask, stop_ids=[], **kw)
         assert torch.equal(ours, hf_new(hf, ids, mask, eos_token_id=None, **kw)), i
-    # One greedy step for batch 2 and one forward step for 2 x 3 beams: every later call reused its bucket.
-    assert session.builds == 2
-    assert session.buckets() == [(2, 256), (6, 256)]
-    # A longer total moves to the next bucket; stop ids, pad id and min_new_tokens live in device buffers and
-    # change without a new recording.
+    # Totals 34 and 37 share the 64-slot bucket, 32 / 25 / 23 the 32-slot one (batch 2, and 2 x 3 beams): one
+    # recording each, and the second round of calls recorded nothing.
+    assert session.buckets() == [(2, 64), (2, 32), (6, 32)]
+    assert session.builds == 3
+    # Stop ids, pad id and min_new_tokens live in device buffers and change without a new recording (only
+    # switching the stop-id block of min_new_tokens on is a new step).
     ids, mask = prompts(length=30)
     session.generate(ids, attention_mask=mask, max_new_tokens=30, stop_ids=[5, 9], pad_id=3, min_new_tokens=2)
+    session.generate(ids, attention_mask=mask, max_new_tokens=30, stop_ids=[5, 9], pad_id=3, min_new_tokens=9)
     session.generate(ids, attention_mask=mask, max_new_tokens=30, stop_ids=[7], pad_id=4)
-    assert session.builds == 3 and session.bucket_len(60) == 256
+    assert session.builds == 4
 
 
 def test_selection_settings_are_part_of_the_key(pair):
@@ -236,7 +239,7 @@ def test_session_limits(pair):
     ids, mask = prompts()
     for batch in (2, 1, 2):
         session.generate(ids[:batch], attention_mask=mask[:batch], max_new_tokens=4)
-    assert session.builds == 3 and session.buckets() == [(2, 256)]
+    assert session.builds == 3 and session.buckets() == [(2, 64)]
     session.clear()
     assert session.buckets() == []
     with pytest.raises(ValueError, match="another model"):
