@@ -1,4 +1,5 @@
-"""The whole model at the StableLM-3B shape on the GPU: Triton ops against the PyTorch reference ops (GPU only).
+"""The whole model at the StableLM-3B shape on the GPU: Triton ops against the PyTorch reference ops (GPU only);
+the classification heads likewise, at the 3B width with fewer layers.
 
 Both half-precision runs are compared with an fp32 run of the reference ops on the same weights; the Triton ops must be
 about as accurate as the reference ops at the same precision (and within 1e-1 relative error outright). Measured on
@@ -10,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from stablelm import StableLM, ops, preset
+from stablelm import StableLM, StableLMForSequenceClassification, StableLMForTokenClassification, ops, preset
 
 KERNEL_OPS = ("rotary", "rotary_cache", "attention", "decode_attention", "layer_norm", "swiglu")
 
@@ -53,3 +54,26 @@ def check_model(cfg, device, dtype=torch.bfloat16, S=300, pad=37, n_steps=8):
 @pytest.mark.gpu
 def test_stablelm_3b_shape_triton_ops_match_reference_ops():
     check_model(preset("stablelm-3b-4e1t"), "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [StableLMForSequenceClassification, StableLMForTokenClassification])
+def test_heads_triton_ops_match_reference_ops(cls, S=300, pad=37):
+    """A left-padded batch through each head: bf16 Triton ops about as close to fp32 as bf16 reference ops."""
+    cfg = preset("stablelm-3b-4e1t", num_hidden_layers=4, num_labels=5, pad_token_id=0)
+    ref = cls.random(cfg, seed=0, device="cuda", dtype=torch.float32)
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(1, cfg.vocab_size, (2, S), device="cuda", generator=gen)
+    ids[1, :pad] = 0
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        with ops.using(**{op: "torch" for op in KERNEL_OPS}):
+            want, base = ref(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        with ops.using(**{op: "triton" for op in KERNEL_OPS}):
+            got = model(ids, attention_mask=mask).logits
+    if cls is StableLMForTokenClassification:
+        real = mask.bool()
+        want, base, got = want[real], base[real], got[real]
+    err_triton, err_torch = rel(got, want), rel(base, want)
+    assert err_triton < 1.5 * err_torch + 1e-3 and err_triton < 1e-1, (err_triton, err_torch)
