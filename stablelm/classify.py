@@ -121,6 +121,9 @@ def build(model_dir: str | Path, id2label: dict[int, str] | None = None, tokeniz
         have = base.config.labels()[0]
         if id2label is not None and have != id2label:
             raise ValueError(f"{model_dir} classifies into {have}, the data has labels {id2label}")
+        if base.config.pad_token_id is None:
+            # Batches need a pad id to find each row's last token; the tokenizer's is what they are padded with.
+            base.config.pad_token_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         return base, tokenizer
     if id2label is None:
         raise ValueError(f"{model_dir} is not a sequence classifier: give the labels (id2label) for a new head")
