@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import parallel
 from .config import StableLMConfig
 from .convert import (LAYOUT_FIELDS, CheckpointError, check_tensors, hf_to_project, meta_model, project_to_hf,
                       read_hf_tensors, read_json, read_tensor_file, tensor_file_metadata)
@@ -322,12 +323,15 @@ def _cast(tensors: dict, dtype: str | None, progress: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- loading a model
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+         tp: int | None = None):
     """The model of a converted directory (or, converting in memory, a Hugging Face checkpoint directory), of the
     class its config's `architectures` names: StableLM, StableLMModel, StableLMForSequenceClassification or
     StableLMForTokenClassification (stablelm.model.MODEL_CLASSES).
 
     dtype: torch dtype or "fp32"/"bf16"/"fp16"; None keeps the stored dtype (quantized tensors keep theirs).
+    tp: tensor-parallel degree, the world size of a torchrun launch (stablelm/parallel.py): this rank's shard of
+    the model, reading only its slices of the weights; "cuda" then means cuda:LOCAL_RANK.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -336,6 +340,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json")
+    if tp is not None:
+        if is_hf_dir(path):
+            cfg, tensors = read_hf_dir(path)
+            return parallel.load_sharded(cfg, None, tensors, tp=tp, device=device, dtype=dtype, what=str(path))
+        return parallel.load_sharded(*read_project_header(path), tp=tp, device=device, dtype=dtype, what=str(path))
     if is_hf_dir(path):
         (cfg, tensors), quant = read_hf_dir(path), None
     else:

@@ -2,8 +2,9 @@
 
     python -m stablelm generate --model DIR --prompt "..." [--max-new-tokens N] [--temperature T] [--top-k K]
                                 [--top-p P] [--repetition-penalty R] [--num-beams N] [--seed S] [--chat]
-                                [--device cuda|cpu] [--dtype bf16|fp16|fp32]
+                                [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--tp N]
     python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
+    torchrun --nproc-per-node N -m stablelm generate --model DIR --tp N --prompt "..."   # tensor parallel
     python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4] [--group-size G] [--to-hf] [--overwrite]
     python -m stablelm info --model DIR
     python -m stablelm check-op OP MODULE:FUNCTION [--device cpu|cuda] [--json OUT] [--seeds N] [--model] [--speed]
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import oplab
+from . import oplab, parallel
 from .checkpoint import DTYPES, FORMAT, INT4_GROUP_SIZE, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir
 from .config import StableLMConfig, preset
 from .convert import project_shapes, weight_files
@@ -74,7 +75,9 @@ def _load(args):
     t0 = time.perf_counter()
     _log(f"loading {args.model} on {args.device} ({dtype}) ...")
     tokenizer = Tokenizer.from_dir(args.model)
-    model = stablelm.load(args.model, device=args.device, dtype=dtype)
+    model = stablelm.load(args.model, device=args.device, dtype=dtype, tp=args.tp)
+    if args.tp:
+        parallel.print_on_rank0_only()  # every rank generates the same text; rank 0 prints it
     _log(f"loaded {model.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f} s")
     stop_ids = list(tokenizer.eos_ids) or list(model.config.eos_token_id)
     return model, tokenizer, stop_ids, tokenizer.pad_id
@@ -109,6 +112,8 @@ def cmd_generate(args, parser) -> int:
                                   **_sampling_options(args, parser))
     except ValueError as e:
         parser.error(str(e))
+    if args.tp is not None and args.model is None:
+        parser.error("--tp needs --model DIR (a checkpoint each rank reads its slices of)")
     if args.chat and args.model is None:
         parser.error("--chat needs a checkpoint's tokenizer and chat template (pass --model DIR)")
     model, tokenizer, stop_ids, pad_id = _load(args)
@@ -273,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA (default: graph)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree: run under `torchrun --nproc-per-node N` with N = "
+                                          "the world size; each rank holds 1/N of the weights (docs_parallel.md)")
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint directory (or back, with --to-hf)")
     add_convert_arguments(c)
