@@ -1,30 +1,48 @@
-"""Decode benchmark: tokens/s, ms/token, peak VRAM and bandwidth utilisation, against transformers.
+"""Decode benchmark: the whole public generate() call of this project against its peers, same run, same weights.
 
-    python -m bench.decode [--batch-sizes 1,8,32,64] [--contexts 128,512,1024,2048,4096] [--quant int8|int4]
+    python -m bench.decode [--rows 1x128,8x512,32x512] [--new-tokens 256] [--quant int8|int4]
+                           [--peers stablelm-eager,stablelm-torch-compile,transformers-sdpa,transformers-static-compile]
                            [--out bench/results/decode_h200.json]
-    python -m bench.decode --tiny        # small random model on the CPU
+    python -m bench.decode --tiny        # small random model on the CPU (a smoke run of the same code)
 
-StableLM-3B shape with random bf16 weights. Each row: prefill `context` tokens into a static KV cache, then
-time `--steps` greedy decode steps (argmax fed back on the device). Bandwidth utilisation = bytes a step must
-move (every weight once, the KV cache read up to the context, the new K/V written) / step time / measured
-copy bandwidth. Peak VRAM is reported over the whole row (prefill included) and for the decode phase alone,
-each as overhead over weights + KV cache. Prefill and decode steps are the ones `generate` uses
-(`StableLM.prefill`, `GraphDecodeStep` / `DecodeStep`). transformers' StableLmForCausalLM (eager and sdpa
-attention, same weights) runs the same loop with its own cache in the same process.
+StableLM-3B shape, random bf16 weights, greedy, `--new-tokens` new tokens per call (no stop ids), prompts of
+`context` random tokens. Every row times the public call a user makes (median of `--iters` calls after warm-up
+calls that record / compile):
+
+  stablelm                     stablelm.generate (default ops, CUDA-graph decode session)
+  stablelm-eager               the same with cuda_graph=False (what the graphs buy)
+  stablelm-torch-compile       the gpt-fast recipe applied to this model: reference ("torch") ops, the decode
+                               step compiled by torch.compile(mode="reduce-overhead") over the same static cache,
+                               through the same DecodeSession (CompileBuilder)
+  transformers-sdpa            StableLmForCausalLM.generate(), sdpa attention, its default (dynamic) cache
+  transformers-static-compile  the same with cache_implementation="static" and compile_config=CompileConfig()
+                               (transformers' documented static-cache + torch.compile path; on the CPU it does
+                               not compile, so --tiny reports it as transformers-static)
+
+Columns: call_ms (one generate() call, prompt included), tokens_per_s (batch x new tokens / call), step_ms and
+overhead_ms. For this project's rows step_ms is the recorded decode step alone (replayed with CUDA events at the
+middle context, `DecodeSession.replay`) and prefill_ms the prompt pass alone, so overhead_ms = call_ms - prefill_ms
+- (new_tokens - 1) x step_ms is what a generate() call costs beyond its prefill and steps. For transformers'
+rows step_ms is the marginal ms per token between calls of new_tokens and new_tokens / 2 (no overhead column).
+bw_util = bytes a step must read (every weight once + the KV cache up to the middle context) / step_ms / copy
+bandwidth measured in this run; call_bw_util the same over the decode part of the whole call. The ratio table
+gives call_ms(peer) / call_ms(stablelm) per row.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import time
 
 import torch
 
+import stablelm.ops as ops
 from bench.common import bench_device, copy_bandwidth_gbs, environment, markdown_table, time_cuda, write_json
 from stablelm import StableLM, preset
-from stablelm.generate import DecodeStep
-from stablelm.graph import GraphDecodeStep
+from stablelm.generate import DecodeSession, generate
+from stablelm.graph import CompileBuilder
 
-KV_BUDGET_FRACTION = 0.5  # skip (batch, context) rows whose cache alone would take more of the GPU's memory
+PEERS = ["stablelm-eager", "stablelm-torch-compile", "transformers-sdpa", "transformers-static-compile"]
 
 
 def resident_bytes(model) -> int:
@@ -46,51 +64,6 @@ def step_bytes(model, cfg, batch, context, elt) -> int:
     return weight_bytes(model) + batch * kv_per_token * (context + 1)
 
 
-def ours_decode(model, batch, context, steps, graph: bool):
-    cfg = model.config
-    device = model.embed.weight.device
-    cache = model.make_cache(batch, context + 2 * steps + 8)
-    ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
-    peaks = {}
-    with torch.no_grad():
-        logits = model.prefill(cache, ids)
-        if device.type == "cuda":
-            # Peaks of the two phases apart: the prompt's activations vs. the steady decode step.
-            peaks["prefill"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        step = (GraphDecodeStep if graph else DecodeStep)(model, cache)
-        token = logits.argmax(-1, keepdim=True)
-        step(token)  # capture / warm up outside the timed region
-
-        def run():
-            t = token
-            for _ in range(steps):
-                t = step(t).argmax(-1, keepdim=True)
-        ms = time_cuda(run, warmup=0, iters=1) / steps
-        if device.type == "cuda":
-            peaks["decode"] = torch.cuda.max_memory_allocated()
-    return ms, cache, peaks
-
-
-def hf_decode(hf, batch, context, steps):
-    from transformers import DynamicCache
-    device = next(hf.parameters()).device
-    ids = torch.randint(0, hf.config.vocab_size, (batch, context), device=device)
-    with torch.no_grad():
-        out = hf(ids, use_cache=True, past_key_values=DynamicCache(config=hf.config), logits_to_keep=1)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-
-        def run():
-            nonlocal past
-            t = token
-            for _ in range(steps):
-                o = hf(t, past_key_values=past, use_cache=True)
-                past = o.past_key_values
-                t = o.logits[:, -1].argmax(-1, keepdim=True)
-        ms = time_cuda(run, warmup=0, iters=1) / steps
-    return ms
-
-
 def build_hf(model, attn):
     from transformers import StableLmConfig, StableLmForCausalLM
 
@@ -104,28 +77,95 @@ def build_hf(model, attn):
     return hf
 
 
+def wall_ms(fn, iters: int) -> float:
+    """Median wall-clock ms of fn() (the device synchronised before and after each call)."""
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ours_row(model, session, ids, new, iters, warmup, use_ops=None, timing_iters=3, **kw):
+    """(call_ms, step_ms, prefill_ms) of generate() through `session`, under the ops choice `use_ops`."""
+    batch, context = ids.shape
+    mask = torch.ones_like(ids)
+    with ops.using(**(use_ops or {})):
+        def call():
+            return generate(model, ids, attention_mask=mask, session=session, max_new_tokens=new, stop_ids=[], **kw)
+        for _ in range(warmup):
+            out = call()
+        assert out.shape == (batch, new), out.shape
+        call_ms = wall_ms(call, iters)
+        steps = min(32, new)
+        at = context + max(1, (new - steps) // 2)  # the middle of the call's contexts
+        step_ms = time_cuda(lambda: session.replay(steps, at), warmup=1, iters=timing_iters) / steps
+        cache = model.make_cache(batch, context)
+
+        def prefill():
+            cache.reset()
+            with torch.no_grad():
+                model.prefill(cache, ids)
+        prefill_ms = time_cuda(prefill, warmup=1, iters=timing_iters)
+        del cache
+    return call_ms, step_ms, prefill_ms
+
+
+def hf_row(hf, ids, new, iters, warmup, **kw):
+    """(call_ms, marginal step_ms) of transformers' generate()."""
+    mask = torch.ones_like(ids)
+
+    def call(n):
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               eos_token_id=None, pad_token_id=0, **kw)
+    for _ in range(warmup):
+        out = call(new)
+    assert out.shape == (ids.shape[0], ids.shape[1] + new), out.shape
+    call_ms = wall_ms(lambda: call(new), iters)
+    half = max(1, new // 2)
+    for _ in range(warmup if "compile_config" in kw else 0):
+        call(half)  # a new length may recompile
+    half_ms = wall_ms(lambda: call(half), iters)
+    return call_ms, (call_ms - half_ms) / (new - half)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke run)")
     ap.add_argument("--preset", default="stablelm-3b-4e1t")
-    ap.add_argument("--batch-sizes", default="1,8,32,64")
-    ap.add_argument("--contexts", default="128,512,1024,2048,4096")
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rows", default="1x128,8x512,32x512", help="batch x context rows")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=3, help="timed calls per row (median)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list from {PEERS}, or 'none'")
+    ap.add_argument("--eager-batches", default="1", help="batch sizes where stablelm-eager runs")
     ap.add_argument("--quant", choices=["int8", "int4"])
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (tiny: 32)")
-    ap.add_argument("--hf-rows", default="1x128,1x512,1x2048,1x4096,8x512,32x512,64x512",
-                    help="batch x context rows where transformers also runs ('all' or 'none')")
-    ap.add_argument("--no-graph", action="store_true", help="time only the eager decode step")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     cuda, device, dtype = bench_device(ap, args.tiny)
+    peers = [] if args.peers == "none" else args.peers.split(",")
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        ap.error(f"unknown peers {unknown}; choose from {PEERS}")
     if args.tiny:
-        cfg, batches, contexts, steps = preset("tiny"), [1, 2], [16, 64], 4
+        cfg, rows_spec, new, iters, warmup, timing_iters = preset("tiny"), [(2, 16)], 8, 1, 1, 1
+        # CPU smoke run: dynamo traces the step but runs it eagerly (inductor's C++ build would take minutes).
+        compiler = CompileBuilder(backend="eager", mode=None, warmup=1)
     else:
-        cfg, steps = preset(args.preset), args.steps
-        batches = [int(x) for x in args.batch_sizes.split(",")]
-        contexts = [int(x) for x in args.contexts.split(",")]
+        cfg, new, iters, warmup = preset(args.preset), args.new_tokens, args.iters, 2
+        timing_iters = max(3, iters)
+        rows_spec = [tuple(int(v) for v in r.split("x")) for r in args.rows.split(",")]
+        compiler = CompileBuilder(mode="reduce-overhead")
+    eager_batches = {int(b) for b in args.eager_batches.split(",")} if not args.tiny else {2}
+    if args.quant:
+        peers = [p for p in peers if not p.startswith("transformers")]  # transformers runs the float model only
     env = environment()
     copy_gbs = copy_bandwidth_gbs() if cuda else None
     model = StableLM.random(cfg, device=device, dtype=dtype)
@@ -134,64 +174,110 @@ def main(argv=None):
         group = 32 if args.tiny else args.group_size  # the tiny MLP width (352) is not a multiple of 128
         quantize_model(model, {"int8": 8, "int4": 4}[args.quant], group)
     elt = torch.finfo(dtype).bits // 8
-    kv_budget = KV_BUDGET_FRACTION * torch.cuda.get_device_properties(0).total_memory if cuda else float("inf")
+    suffix = f"-{args.quant}" if args.quant else ""
+    reference_ops = {op: "torch" for op in ops.CUDA_PREFERENCE}
     rows = []
-    for batch in batches:
-        for context in contexts:
-            kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elt * batch * context
-            if kv > kv_budget:
-                continue
-            modes = ["eager"] if (args.no_graph or not cuda) else ["graph", "eager"] if batch == 1 else ["graph"]
-            for mode in modes:
-                if cuda:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                ms, cache, peaks = ours_decode(model, batch, context, steps, graph=(mode == "graph"))
-                row = dict(impl=f"stablelm-{mode}" + (f"-{args.quant}" if args.quant else ""), batch=batch,
-                           context=context, ms_per_step=ms, tokens_per_s=batch * 1e3 / ms,
-                           weights_gib=resident_bytes(model) / 2**30, kv_cache_gib=cache.nbytes() / 2**30)
-                if cuda:
-                    base = row["weights_gib"] + row["kv_cache_gib"]
-                    row["peak_vram_gib"] = max(peaks.values()) / 2**30
-                    row["vram_overhead"] = row["peak_vram_gib"] / base - 1
-                    row["decode_vram_overhead"] = peaks["decode"] / 2**30 / base - 1
-                    row["bw_util"] = step_bytes(model, cfg, batch, context, elt) / (ms * 1e-3) / (copy_gbs * 1e9)
-                rows.append(row)
-                del cache
-                print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
 
-    hf_rows = set() if args.hf_rows == "none" or args.quant else (
-        {(b, c) for b in batches for c in contexts} if args.hf_rows == "all" or args.tiny else
-        {tuple(int(v) for v in r.split("x")) for r in args.hf_rows.split(",")})
-    if hf_rows:
-        for attn in ("eager", "sdpa"):
-            hf = build_hf(model, attn)
-            for batch, context in sorted(hf_rows):
-                if cuda:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                ms = hf_decode(hf, batch, context, steps)
-                ours = next((r for r in rows if r["batch"] == batch and r["context"] == context), None)
-                row = dict(impl=f"transformers-{attn}", batch=batch, context=context, ms_per_step=ms,
-                           tokens_per_s=batch * 1e3 / ms,
-                           speedup_of_stablelm=(ms / ours["ms_per_step"]) if ours else None)
+    def fresh():
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def record(row):
+        if cuda:
+            row["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+
+    def run_ours(impl, batch, context, session, use_ops=None, **kw):
+        fresh()
+        ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
+        row = dict(impl=impl + suffix, batch=batch, context=context, new_tokens=new)
+        try:
+            call_ms, step_ms, prefill_ms = ours_row(model, session, ids, new, iters, warmup, use_ops, timing_iters,
+                                                    **kw)
+        except Exception as e:  # a failing peer is reported, not fatal to the other rows
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print(row, flush=True)
+            return
+        mid = context + new // 2
+        row.update(call_ms=call_ms, tokens_per_s=batch * new * 1e3 / call_ms, step_ms=step_ms,
+                   step_source="replay", prefill_ms=prefill_ms,
+                   overhead_ms=call_ms - prefill_ms - (new - 1) * step_ms)
+        if copy_gbs:
+            nbytes = step_bytes(model, cfg, batch, mid, elt)
+            row["bw_util"] = nbytes / (step_ms * 1e-3) / (copy_gbs * 1e9)
+            row["call_bw_util"] = nbytes * (new - 1) / ((call_ms - prefill_ms) * 1e-3) / (copy_gbs * 1e9)
+        record(row)
+        session.clear()
+
+    for batch, context in rows_spec:
+        run_ours("stablelm", batch, context, DecodeSession(model))
+        if "stablelm-eager" in peers and batch in eager_batches:
+            run_ours("stablelm-eager", batch, context, DecodeSession(model), cuda_graph=False)
+        if "stablelm-torch-compile" in peers:
+            run_ours("stablelm-torch-compile", batch, context, DecodeSession(model, builder=compiler),
+                     use_ops=reference_ops)
+
+    hf_peers = [p for p in peers if p.startswith("transformers")]
+    if hf_peers:
+        from transformers import CompileConfig
+        hf = build_hf(model, "sdpa")
+        for batch, context in rows_spec:
+            for peer in hf_peers:
+                fresh()
+                kw = {}
+                impl = peer
+                if peer == "transformers-static-compile":
+                    kw = dict(cache_implementation="static", compile_config=CompileConfig())
+                    impl = peer if cuda else "transformers-static"
+                ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
+                row = dict(impl=impl, batch=batch, context=context, new_tokens=new)
+                try:
+                    call_ms, step_ms = hf_row(hf, ids, new, iters, warmup, **kw)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+                row.update(call_ms=call_ms, tokens_per_s=batch * new * 1e3 / call_ms, step_ms=step_ms,
+                           step_source="marginal")
                 if cuda:  # our model stays resident during these rows: count transformers' memory only
                     row["peak_vram_gib"] = (torch.cuda.max_memory_allocated() - resident_bytes(model)) / 2**30
                 rows.append(row)
                 print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
-            del hf
-            if cuda:
-                torch.cuda.empty_cache()
+        del hf
+        fresh()
 
-    columns = ["impl", "batch", "context", "ms_per_step", "tokens_per_s", "bw_util", "peak_vram_gib",
-               "weights_gib", "kv_cache_gib", "vram_overhead", "decode_vram_overhead", "speedup_of_stablelm"]
+    # Ratios: every peer's whole-call time over this project's, row by row.
+    ratios = []
+    for batch, context in rows_spec:
+        ours = next((r for r in rows if r["impl"] == "stablelm" + suffix and r["batch"] == batch
+                     and r["context"] == context and "call_ms" in r), None)
+        if ours is None:
+            continue
+        ratio = dict(batch=batch, context=context, stablelm_tokens_per_s=ours["tokens_per_s"])
+        for r in rows:
+            if r["batch"] == batch and r["context"] == context and r is not ours and "call_ms" in r:
+                ratio[f"vs {r['impl']}"] = r["call_ms"] / ours["call_ms"]
+                r["speedup_of_stablelm"] = r["call_ms"] / ours["call_ms"]
+        ratios.append(ratio)
+
+    columns = ["impl", "batch", "context", "new_tokens", "call_ms", "tokens_per_s", "step_ms", "step_source",
+               "prefill_ms", "overhead_ms", "bw_util", "call_bw_util", "peak_vram_gib", "speedup_of_stablelm",
+               "error"]
     print()
     print(markdown_table(rows, columns))
+    ratio_columns = sorted({k for r in ratios for k in r}, key=lambda k: (not k.startswith("batch"),
+                                                                           k != "context", k))
+    print()
+    print("speedup of stablelm's generate() (peer call time / ours):")
+    print(markdown_table(ratios, ratio_columns))
     payload = {"benchmark": "decode", "env": env, "model": args.preset if not args.tiny else "tiny",
-               "dtype": str(dtype), "quant": args.quant, "copy_bandwidth_gbs": copy_gbs, "steps": steps,
-               "rows": rows}
+               "dtype": str(dtype), "quant": args.quant, "copy_bandwidth_gbs": copy_gbs, "new_tokens": new,
+               "iters": iters, "rows": rows, "ratios": ratios}
     if args.out:
         write_json(args.out, payload)
     return payload

@@ -8,9 +8,17 @@ from bench import decode, prefill
 def test_decode_tiny(tmp_path):
     out = tmp_path / "d.json"
     payload = decode.main(["--tiny", "--out", str(out)])
-    impls = {r["impl"] for r in payload["rows"]}
-    assert {"stablelm-eager", "transformers-eager", "transformers-sdpa"} <= impls
-    assert all(r["tokens_per_s"] > 0 for r in payload["rows"])
+    rows = {r["impl"]: r for r in payload["rows"]}
+    assert set(rows) == {"stablelm", "stablelm-eager", "stablelm-torch-compile", "transformers-sdpa",
+                         "transformers-static"}
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    assert all(r["tokens_per_s"] > 0 and r["call_ms"] > 0 for r in rows.values())
+    for impl in ("stablelm", "stablelm-eager", "stablelm-torch-compile"):
+        r = rows[impl]
+        assert r["step_source"] == "replay" and r["step_ms"] > 0 and r["prefill_ms"] > 0
+        assert r["overhead_ms"] == r["call_ms"] - r["prefill_ms"] - (r["new_tokens"] - 1) * r["step_ms"]
+    ratio = payload["ratios"][0]
+    assert ratio["vs transformers-sdpa"] == rows["transformers-sdpa"]["call_ms"] / rows["stablelm"]["call_ms"]
     assert json.loads(out.read_text())["env"]["torch"]
 
 
@@ -21,5 +29,6 @@ def test_prefill_tiny():
 
 
 def test_decode_tiny_quantized():
-    payload = decode.main(["--tiny", "--quant", "int4"])
-    assert {r["impl"] for r in payload["rows"]} == {"stablelm-eager-int4"}
+    payload = decode.main(["--tiny", "--quant", "int4", "--peers", "none"])
+    assert [r["impl"] for r in payload["rows"]] == ["stablelm-int4"]
+    assert payload["rows"][0]["tokens_per_s"] > 0
