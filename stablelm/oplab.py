@@ -323,7 +323,7 @@ def _random_pair(device: str, op: str):
     hf_cfg._attn_implementation = "eager" if device == "cpu" else "sdpa"
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.device(device):
-        hf = StableLmForCausalLM(hf_cfg).eval()
+        hf = StableLmForCausalLM(hf_cfg).float().eval()
     with torch.no_grad():
         for pname, p in hf.named_parameters():
             if p.dim() == 1:  # LayerNorm weights near 1, biases near 0, never exactly
@@ -356,6 +356,8 @@ def model_verdict(op: str, impl: str, device: str, new_tokens: int = 8) -> dict:
         hf_tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[:, S:]
     del hf
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     if op == "quant_linear":
         from .quantize import quantize_model
         quantize_model(ours, bits=8)
@@ -414,6 +416,7 @@ def model_speed(model, op: str, impl: str, prompt: int = 2048, batch: int = 8, c
 
     model = model.to(torch.bfloat16)
     device = model.embed.weight.device
+    torch.cuda.empty_cache()
     gen = torch.Generator().manual_seed(2)
     vocab = model.config.vocab_size
     rows = []
