@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.contract import DTYPE_NAMES, CaseResult, Contract, call, run_case
+from kernels.contract import Contract, call, run_case
 
 from . import ops
 
