@@ -1,7 +1,5 @@
 """Deliberately broken implementations for tests/test_oplab.py: each has the op's signature and one classic bug,
 which check-op must catch and name by case."""
-import torch
-
 from kernels.attention import attention_ref
 from kernels.mlp import swiglu_ref
 from kernels.rotary import rotary_cache_ref, rotary_ref
