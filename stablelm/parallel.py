@@ -214,6 +214,15 @@ class Shard(NamedTuple):
 
 
 # ---------------------------------------------------------------- parallel modules
+def _inference_only(t: torch.Tensor) -> torch.Tensor:
+    # The collectives run in place with no backward (a Megatron backward would need its own conjugate collectives
+    # around the column-parallel layers): refuse rather than return wrong gradients.
+    if t.requires_grad:
+        raise RuntimeError("tensor-parallel StableLM is inference-only: call it under torch.no_grad() or "
+                           "torch.inference_mode() (generate() does)")
+    return t
+
+
 class RowParallelLinear(nn.Module):
     """A linear layer holding K / tp of the input columns: local partial product, all-reduce (sum), then the
     bias once. `local` is an nn.Linear or QuantLinear over this rank's columns."""
@@ -230,7 +239,7 @@ class RowParallelLinear(nn.Module):
             self.register_buffer("bias", bias)
 
     def forward(self, x):
-        out = self.local(x)
+        out = _inference_only(self.local(x))
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 
@@ -255,7 +264,7 @@ class VocabParallelHead(nn.Module):
         self.local, self.vocab_size, self.chunk, self.group = local, vocab_size, chunk, group
 
     def forward(self, x):
-        part = self.local(x)
+        part = _inference_only(self.local(x))
         if part.shape[-1] < self.chunk:  # the last rank's short chunk, padded so every rank sends the same size
             part = F.pad(part, (0, self.chunk - part.shape[-1]))
         part = part.contiguous()
