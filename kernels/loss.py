@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES
 
 # Rows per chunk: about 2^24 logits (64 MB as float32), a power of two between 16 and 4096.
@@ -68,6 +69,37 @@ def linear_cross_entropy_ref(hidden, weight, labels, bias=None, ignore_index=-10
     """Reference: the full logits, F.cross_entropy in float32."""
     _check_args(hidden, weight, labels, bias)
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels.long(), ignore_index=ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): loss and the gradients of hidden, weight and bias
+
+def _lce_inputs(case, seed, device):
+    p = case.params
+    T, H, V = p["T"], p["H"], p["V"]
+    gen = _c.generator(case, seed)
+    hidden = _c.randn(gen, T, H, dtype=case.dtype, device=device)
+    weight = _c.randn(gen, V, H, dtype=case.dtype, device=device, scale=2 * H ** -0.5)
+    bias = _c.randn(gen, V, dtype=case.dtype, device=device) if p.get("bias") else None
+    labels = torch.randint(0, V, (T,), generator=gen).to(device)
+    labels[::3] = -100
+    return dict(hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+# 16-bit: the weight gradient is a sum over tokens rounded per chunk (atol relative to the largest gradient).
+_LCE_TOL = {torch.float32: _c.Tol(1e-5, 1e-5), torch.float16: _c.Tol(2e-3, 4e-3, of_max=True),
+            torch.bfloat16: _c.Tol(1e-2, 2e-2, of_max=True)}
+_LCE_CPU = {"T37-H32-V300-bias-fp32-grad", "T300-H16-V1000-bf16-grad", "T5-H64-V50-fp16"}
+
+CONTRACTS = {"linear_cross_entropy": _c.Contract(
+    op="linear_cross_entropy", reference=None, make_inputs=_lce_inputs,
+    cases=_c.make_cases([dict(T=37, H=32, V=300, bias=True), dict(T=300, H=16, V=1000), dict(T=5, H=64, V=50),
+                         dict(T=1000, H=256, V=5000)], _c.FLOAT_DTYPES, grad=(False, True), cpu=_LCE_CPU),
+    tol=_LCE_TOL, grad_tol=_LCE_TOL, grad_inputs=("hidden", "weight", "bias"),
+    outputs=lambda loss, inputs: {"loss": loss.reshape(1)},  # a [1] view: the checks draw upstream grads by shape
+    bench=[_c.Case("3b-report-800x50304", dict(T=800, H=2560, V=50304), torch.bfloat16)],
+    work=lambda i: {"bytes": i["weight"].nbytes + 2 * i["hidden"].nbytes,
+                    "flops": 6 * i["hidden"].shape[0] * i["weight"].numel()})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,6 +224,8 @@ linear_cross_entropy_chunked.__doc__ = "Chunked fused linear + cross-entropy, pe
 linear_cross_entropy_triton = _chunked(_chunk_ce_triton)
 linear_cross_entropy_triton.__doc__ = "Chunked fused linear + cross-entropy, per-chunk math in one Triton kernel."
 
+
+CONTRACTS["linear_cross_entropy"].reference = linear_cross_entropy_ref
 
 IMPLEMENTATIONS = {"linear_cross_entropy": {"torch": linear_cross_entropy_ref,
                                             "chunked": linear_cross_entropy_chunked,

@@ -179,4 +179,96 @@ def swiglu_triton(gate, up):
     return _swiglu_forward(gate, up)
 
 
-IMPLEMENTATIONS = {"swiglu": {"torch": swiglu_ref, "triton": swiglu_triton}}
+# ----------------------------------------------------------------------------------------------------------------
+# swiglu_fused(gate_up): the op on the fused projection's output [..., 2I] = [gate | up] -> [..., I]. Its backward
+# writes dgate and dup straight into the two halves of one [..., 2I] gradient buffer: with swiglu(gate, up) on the
+# two halves of a .split, autograd allocates both gradients and then concatenates them (an extra read + write of
+# 2I per token, the whole cost of an elementwise op of this size).
+
+def _check_fused(gate_up):
+    if gate_up.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"swiglu_fused: gate_up dtype {gate_up.dtype} is not supported (float32, float16, bfloat16)")
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_fused: gate_up must end in an even dim [..., 2I], got {tuple(gate_up.shape)}")
+
+
+def swiglu_fused_ref(gate_up):
+    """Reference: gate, up = the two halves of the last dim; silu(gate) * up in float32, output in the input dtype."""
+    _check_fused(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
+def _swiglu_fused_inputs(case, seed, device):
+    """The fused projection output [B, S, 2I] (a row-strided view of a wider tensor when `strided`)."""
+    p = case.params
+    gen = _c.generator(case, seed)
+    extra = 8 if p.get("strided") else 0
+    full = _c.randn(gen, p["B"], p["S"], 2 * p["I"] + extra, dtype=case.dtype, device=device, scale=3.0)
+    return dict(gate_up=full[..., :2 * p["I"]])
+
+
+_SWIGLU_FUSED_CPU = {"B2-S7-I176-fp32-grad", "B1-S33-I352-strided-bf16-grad", "B1-S1-I1000-fp16"}
+
+CONTRACTS["swiglu_fused"] = _c.Contract(
+    op="swiglu_fused", reference=swiglu_fused_ref, make_inputs=_swiglu_fused_inputs,
+    cases=_c.make_cases([dict(B=B, S=S, I=inter, strided=st) for B, S, inter in ((2, 7, 176), (1, 33, 352),
+                                                                                (3, 5, 6912), (1, 1, 1000))
+                         for st in (False, True)], _c.FLOAT_DTYPES, grad=(False, True), cpu=_SWIGLU_FUSED_CPU),
+    tol=_SWIGLU_TOL, grad_tol=_SWIGLU_TOL, grad_inputs=("gate_up",),
+    bench=[_c.Case("3b-train-1520x6912", dict(B=8, S=190, I=6912), torch.bfloat16)],
+    work=lambda inputs: {"bytes": 3 * inputs["gate_up"].numel() * inputs["gate_up"].element_size()})
+
+
+@triton.jit
+def _swiglu_fused_bwd_kernel(G, U, DO, DGU,
+                             g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Same grid as the forward; DGU is contiguous [rows, 2 * cols]: dgate in columns [0, cols), dup after."""
+    m, h, rows, cols, mask = _tile(n_rows, H, n_cols, BLOCK_R, BLOCK_C)
+    g = tl.load(G + (m * g_sm + h * g_sh)[:, None] + cols[None, :] * g_sn, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + (m * u_sm + h * u_sh)[:, None] + cols[None, :] * u_sn, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + (m * d_sm + h * d_sh)[:, None] + cols[None, :] * d_sn, mask=mask, other=0.0)
+    do = do.to(tl.float32)
+    sig = tl.sigmoid(g)
+    out = DGU + rows[:, None] * (2 * n_cols) + cols[None, :]
+    tl.store(out, (do * u * sig * (1.0 + g * (1.0 - sig))).to(DGU.dtype.element_ty), mask=mask)
+    tl.store(out + n_cols, (do * g * sig).to(DGU.dtype.element_ty), mask=mask)
+
+
+class _SwiGLUFusedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _swiglu_forward(*gate_up.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        layout = row_layout([gate, up, grad])
+        if layout is None:
+            grad = grad.contiguous()
+            layout = row_layout([gate, up, grad])
+        M, H, ((g_sm, g_sh, g_sn), (u_sm, u_sh, u_sn), (d_sm, d_sh, d_sn)) = layout
+        dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        n_rows, n_cols = M * H, gate.shape[-1]
+        if n_rows * n_cols > 0:
+            grid, block_r, block_c, num_warps = _grid(n_rows, n_cols)
+            _swiglu_fused_bwd_kernel[grid](gate, up, grad, dgu, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn,
+                                           n_rows, H, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        return dgu
+
+
+def swiglu_fused_triton(gate_up):
+    """silu(gate) * up of the fused [gate | up] tensor; the backward fills one [..., 2I] gradient buffer."""
+    _check_fused(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    _check_swiglu_args(gate, up)
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SwiGLUFusedFunction.apply(gate_up)
+    return _swiglu_forward(gate, up)
+
+
+IMPLEMENTATIONS = {"swiglu": {"torch": swiglu_ref, "triton": swiglu_triton},
+                   "swiglu_fused": {"torch": swiglu_fused_ref, "triton": swiglu_fused_triton}}

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, sm_count
 
 NF4_BLOCK_SIZE = 64      # weights per first-level scale (QLoRA's choice)
@@ -188,6 +189,37 @@ def nf4_linear_ref(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_si
     _check_args(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size)
     w = dequantize_nf4(qweight, absmax, absmax_scale, absmax_mean, block_size)
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of nf4_linear passes (forward, and the gradients
+# of x and bias in the grad cases)
+
+def _nf4_inputs(case, seed, device):
+    p = case.params
+    M, N, K, block = p["M"], p["N"], p["K"], p.get("block", NF4_BLOCK_SIZE)
+    gen = _c.generator(case, seed)
+    q = quantize_nf4(_c.randn(gen, N, K, scale=K ** -0.5), block)
+    x = _c.randn(gen, *((2, M) if p.get("batched") else (M,)), K, dtype=case.dtype, device=device)
+    bias = _c.randn(gen, N, dtype=case.dtype, device=device) if p.get("bias") else None
+    return dict(x=x, qweight=q[0].to(device), absmax=q[1].to(device), absmax_scale=q[2].to(device),
+                absmax_mean=q[3].to(device), bias=bias, block_size=block)
+
+
+_NF4_GRID = [dict(M=M, N=N, K=K, block=block, bias=M == 5, batched=M == 33)
+             for M in (1, 5, 33, 190) for N, K in ((96, 256), (250, 512), (7680, 2560)) for block in (32, 64)
+             if not (N == 7680 and block == 32)]
+_NF4_TOL = {torch.float32: _c.Tol(1e-4, 1e-5), torch.float16: _c.Tol(4e-3, 4e-3), torch.bfloat16: _c.Tol(2e-2, 2e-2)}
+_NF4_CPU = {"M1-N96-K256-block64-fp32", "M5-N96-K256-block32-bias-fp16-grad", "M33-N250-K512-block64-batched-fp32-grad"}
+
+CONTRACTS = {"nf4_linear": _c.Contract(
+    op="nf4_linear", reference=nf4_linear_ref, make_inputs=_nf4_inputs,
+    cases=_c.make_cases(_NF4_GRID, _c.FLOAT_DTYPES, grad=(False, True), cpu=_NF4_CPU), tol=_NF4_TOL,
+    grad_tol=_NF4_TOL, grad_inputs=("x", "bias"),
+    bench=[_c.Case("3b-qkv-nf4-M1", dict(M=1, N=7680, K=2560, block=64), torch.bfloat16),
+           _c.Case("3b-qkv-nf4-M1520", dict(M=1520, N=7680, K=2560, block=64), torch.bfloat16)],
+    work=lambda i: {"bytes": sum(t.nbytes for t in (i["qweight"], i["absmax"], i["x"])),
+                    "flops": 2 * i["x"].numel() * i["qweight"].shape[0]})}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,11 @@ K = 2560); 8 bytes per 128-weight group for int4 (12.5% on top of the 64 packed 
 A QuantLinear moved with .to(dtype) converts them too; every function here accepts any float dtype for them.
 
 Op (stablelm.ops.quant_linear): x [..., K] (float32 / float16 / bfloat16) -> [..., N] in x's dtype, plus bias
-[N] if given. Inference only: an x that requires grad is refused (no backward is implemented).
+[N] if given. Differentiable with respect to x and bias (QLoRA: LoRA and the projector train over a frozen
+quantized LM): grad_x = grad_out @ dequant(W); the quantized weight never gets a gradient. The reference gets it
+from autograd through its float32 dequantized weight; the Triton path is an autograd.Function (_QuantLinearFunction)
+whose backward is a second tiled kernel (_quant_grad_input_kernel: grad_out tile @ weight tile dequantized in
+registers, looping over N; no split), saving only the quantized tensors (not x) for the backward.
 
 Accuracy (tests/test_quant.py): a quantized linear layer's output is within 1.2e-2 (int8) / 1.3e-1 (int4) relative
 L2 error of the float layer on gaussian weights; a whole quantized model's logits within 2e-2 (int8, top-1 token
@@ -130,9 +134,6 @@ def _check_op_args(x, qweight, scales, zeros, bias, bits, group_size):
     """Validate quant_linear's arguments; returns (N, K)."""
     if bits not in _QWEIGHT_DTYPES:
         raise ValueError(f"quant_linear: bits must be 4 or 8, got {bits!r}")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        raise RuntimeError("quant_linear is inference-only (no backward): call it under torch.no_grad() or "
-                           "pass inputs that do not require grad")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quant_linear: x dtype {x.dtype} is not supported (float32, float16, bfloat16)")
     if qweight.dim() != 2 or qweight.dtype != _QWEIGHT_DTYPES[bits]:
@@ -403,6 +404,8 @@ def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: Qua
 def quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size):
     """quant_linear through the tiled kernel above at every M: x [..., K] -> [..., N]; tiling from choose_config."""
     N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
+    if _needs_grad(x, bias):
+        return _QuantLinearFunction.apply(quant_linear_tiled, x, qweight, scales, zeros, bias, bits, group_size)
     x2 = x.reshape(x.shape[:-1].numel(), K)  # not -1: ambiguous when K == 0
     cfg = choose_config(x2.shape[0], N, K, bits, group_size, x.device)
     return quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, cfg).view(*x.shape[:-1], N)
@@ -410,12 +413,109 @@ def quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size):
 
 def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
     """Triton quant_linear: kernels/gemv.py's decode GEMV where it measures faster (kernels.gemv.prefer_gemv:
-    batch-1 decode), the tiled kernel otherwise. Inference only."""
+    batch-1 decode), the tiled kernel otherwise. Differentiable in x and bias (_QuantLinearFunction)."""
     N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
+    if _needs_grad(x, bias):
+        return _QuantLinearFunction.apply(quant_linear_triton, x, qweight, scales, zeros, bias, bits, group_size)
     M = x.shape[:-1].numel()
     if M > 0 and K > 0 and _gemv.prefer_gemv(M, bits):
         return _gemv.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size)
     return quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward (training over a frozen quantized weight): grad_x = grad_out @ dequant(W)
+
+@triton.jit
+def _quant_grad_input_kernel(G, QW, SCALES, ZEROS, DX, M, N, K,
+                             sgm, sgn, sqn, sqk, ssn, ssg, szn, szg, sdm, sdk,
+                             BITS: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (m blocks, k blocks): DX[m, k] = sum_n G[m, n] * dequant(w)[n, k]. For int4, BLOCK_K divides GROUP, so
+    a K tile lies inside one group; the weight tile is dequantized to float32, then to G's dtype for tl.dot."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    g_rows = G + offs_m.to(tl.int64)[:, None] * sgm
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        g = tl.load(g_rows + offs_n[None, :] * sgn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w_rows = QW + offs_n.to(tl.int64)[:, None] * sqn
+        if BITS == 8:
+            codes = tl.load(w_rows + offs_k[None, :] * sqk, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            scale = tl.load(SCALES + offs_n * ssn, mask=n_ok, other=0.0).to(tl.float32)
+            w = codes.to(tl.float32) * scale[:, None]
+        else:
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_rows + offs_b[None, :] * sqk, mask=n_ok[:, None], other=0)
+            codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
+            grp = k0 // GROUP
+            scale = tl.load(SCALES + offs_n * ssn + grp * ssg, mask=n_ok, other=0.0).to(tl.float32)
+            zero = tl.load(ZEROS + offs_n * szn + grp * szg, mask=n_ok, other=0.0).to(tl.float32)
+            w = codes * scale[:, None] + zero[:, None]
+        if IEEE:
+            acc += tl.dot(g, w, input_precision="ieee")
+        else:
+            acc += tl.dot(g, w.to(g.dtype))
+    out = DX + offs_m.to(tl.int64)[:, None] * sdm + offs_k[None, :] * sdk
+    tl.store(out, acc.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+def quant_grad_input(grad2, qweight, scales, zeros, bits, group_size, block_m=None, block_n=64, block_k=None):
+    """grad_x [M, K] = grad2 [M, N] @ dequant(W) [N, K] in grad2's dtype; explicit tiles for tests."""
+    M, N = grad2.shape
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    dx = torch.empty((M, K), dtype=grad2.dtype, device=grad2.device)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    block_m = block_m or (128 if M > 64 else max(16, triton.next_power_of_2(M)))
+    block_k = block_k or (min(64, _pow2_divisor(group_size)) if bits == 4 else 64)
+    _check_config(QuantMatmulConfig(block_m, block_n, block_k), bits, group_size)
+    zeros_strides = (0, 0) if zeros is None else zeros.stride()
+    scales_strides = (scales.stride(0), 0) if bits == 8 else scales.stride()
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    _quant_grad_input_kernel[grid](
+        grad2, qweight, scales, zeros if zeros is not None else scales, dx, M, N, K,
+        *grad2.stride(), *qweight.stride(), *scales_strides, *zeros_strides, *dx.stride(),
+        BITS=bits, GROUP=group_size if bits == 4 else 1, IEEE=grad2.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m == 128 else 4)
+    return dx
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """y = forward(x, ...) (quant_linear_triton or quant_linear_tiled; grad is off inside); backward grad_x by
+    quant_grad_input, grad_bias = sum of grad_y. Saves only the quantized tensors."""
+
+    @staticmethod
+    def forward(ctx, forward, x, qweight, scales, zeros, bias, bits, group_size):
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.bits, ctx.group_size, ctx.bias_dtype = bits, group_size, None if bias is None else bias.dtype
+        return forward(x, qweight, scales, zeros, bias, bits, group_size)  # grad is off inside forward
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales, zeros = ctx.saved_tensors
+        N = qweight.shape[0]
+        grad2 = grad.reshape(-1, N)
+        dx = dbias = None
+        if ctx.needs_input_grad[1]:
+            dx = quant_grad_input(grad2, qweight, scales, zeros, ctx.bits, ctx.group_size)
+            dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+        if ctx.needs_input_grad[5]:
+            dbias = grad2.float().sum(0).to(ctx.bias_dtype)
+        return None, dx, None, None, None, dbias, None, None
+
+
+def _needs_grad(x, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 IMPLEMENTATIONS = {"quant_linear": {"torch": quant_linear_ref, "triton": quant_linear_triton,

@@ -2,8 +2,21 @@
 
 `apply_lora(module, targets, r, alpha, dropout)` wraps every nn.Linear whose qualified name ends with one of
 `targets`; a target may name output ranges, so a fused projection (our [q; k; v] `qkv`) can get adapters on q and
-v only, like LoRA on separate q_proj / v_proj layers. The base weight is frozen; B starts at zero so a fresh
-adapter leaves the model's output unchanged. `LM_TARGETS` are the decoder's linears; `make_optimizer` is the
+v only, like LoRA on separate q_proj / v_proj layers. A quantized stand-in for nn.Linear (stablelm/quantize.py's
+QuantLinear / NF4Linear) is wrapped the same way: QLoRA, the frozen base being quantized.
+
+Two layouts for a fused projection with several ranges:
+  fused (default)  one adapter over all the ranges: A [r, K] shared, B [rows, r] (`LM_TARGETS`: 4 per layer).
+  separate         one adapter per range, as peft puts one on each of q_proj / k_proj / v_proj / gate_proj / up_proj
+                   (`peft_targets(config)`: q/k/v/o/gate/up/down, 7 per layer, peft's trainable parameter count),
+                   still computed through the fused projection: the n adapters' A matrices are stacked into one
+                   [n * r, K] lora_A, so x @ A^T is one matmul shared by q/k/v (or gate/up), and their B matrices,
+                   stored stacked as lora_B [rows, r], act as the block-diagonal [rows, n * r] matrix (one matmul,
+                   its zero blocks cost n times a rank-r product, small next to the base matmul). One dropout mask
+                   on x serves the n adapters (peft draws one per adapter: equal in distribution, not draw for draw;
+                   identical without dropout).
+
+The base weight is frozen; B starts at zero so a fresh adapter leaves the model's output unchanged. `LM_TARGETS` are the decoder's linears; `make_optimizer` is the
 AdamW + cosine decay the report model trains with, and `trainable_state_dict` what its checkpoints keep. It lives
 in stablelm/ (not vision/) so the classification heads and the report model train through the same code.
 """
@@ -14,10 +27,15 @@ import math
 import torch
 from torch import nn
 
+from .quantize import QUANTIZED_LINEARS
+
+# What LoRA wraps: nn.Linear and its frozen quantized stand-ins.
+LINEAR_TYPES = (nn.Linear,) + QUANTIZED_LINEARS
+
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 out_ranges: list[tuple[int, int]] | None = None):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 out_ranges: list[tuple[int, int]] | None = None, separate: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
@@ -29,16 +47,34 @@ class LoRALinear(nn.Module):
             if not 0 <= lo < hi <= base.out_features:
                 raise ValueError(f"LoRA output range {(lo, hi)} outside 0..{base.out_features}")
         covered = sum(hi - lo for lo, hi in self.out_ranges)
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(covered, r, device=w.device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        device = next(iter(base.state_dict().values())).device
+        # separate: one adapter per range (A stacked [n * r, K], B stacked [rows, r], used block-diagonally).
+        self.separate = separate and len(self.out_ranges) > 1
+        self.sizes = [hi - lo for lo, hi in self.out_ranges]
+        n = len(self.out_ranges) if self.separate else 1
+        self.lora_A = nn.Parameter(torch.empty(n * r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(covered, r, device=device, dtype=torch.float32))
+        for a in self.lora_A.data.split(r):  # each adapter's A as peft / nn.Linear initialises it (fan_in = K)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        ranges = sorted(self.out_ranges)
+        self._contiguous = ranges == self.out_ranges and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        self._covers_all = self._contiguous and ranges[0][0] == 0 and ranges[-1][1] == base.out_features
+
+    def lora_B_matrix(self):
+        """[rows, n * r]: lora_B itself (fused), or the block-diagonal of each adapter's B (separate)."""
+        if not self.separate:
+            return self.lora_B
+        return torch.block_diag(*self.lora_B.split(self.sizes))
+
+    def delta_weight(self):
+        """scale * B @ A, [rows covered, in_features] (float32)."""
+        return (self.lora_B_matrix() @ self.lora_A) * self.scale
 
     @property
     def weight(self):
-        return self.base.weight
+        return self.base.weight  # a quantized base has none (its qweight is packed)
 
     @property
     def in_features(self):
@@ -51,8 +87,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        delta = (h @ self.lora_B.t() * self.scale).to(out.dtype)
-        if self.out_ranges == [(0, self.base.out_features)]:
+        delta = (h @ self.lora_B_matrix().t() * self.scale).to(out.dtype)
+        if self._covers_all:
             return out + delta
         pieces, at, col = [], 0, 0
         for lo, hi in self.out_ranges:
@@ -67,18 +103,19 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(module: nn.Module, targets: dict[str, list[tuple[int, int]] | None], r: int, alpha: float,
-               dropout: float = 0.0) -> list[str]:
-    """Wrap each nn.Linear whose name ends with a key of `targets` (value: output ranges or None for all).
-    Returns the wrapped names; raises if a target matched nothing (a typo would otherwise train nothing)."""
+               dropout: float = 0.0, separate: bool = False) -> list[str]:
+    """Wrap each nn.Linear (or QuantLinear / NF4Linear) whose name ends with a key of `targets` (value: output
+    ranges or None for all); separate: one adapter per range (see the module docstring). Returns the wrapped
+    names; raises if a target matched nothing (a typo would otherwise train nothing)."""
     wrapped, hit = [], set()
     for name, child in list(module.named_modules()):
-        if not isinstance(child, nn.Linear):
+        if not isinstance(child, LINEAR_TYPES):
             continue
         for suffix, ranges in targets.items():
             if name == suffix or name.endswith("." + suffix):
                 parent_name, _, attr = name.rpartition(".")
                 parent = module.get_submodule(parent_name) if parent_name else module
-                setattr(parent, attr, LoRALinear(child, r, alpha, dropout, ranges))
+                setattr(parent, attr, LoRALinear(child, r, alpha, dropout, ranges, separate))
                 wrapped.append(name)
                 hit.add(suffix)
                 break
@@ -95,6 +132,16 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
 # Every linear of a decoder layer (the report model's `--lm-mode lora` and the classifiers' LoRA).
 LM_TARGETS: dict[str, list[tuple[int, int]] | None] = {"attn.qkv": None, "attn.o": None, "mlp.gate_up": None,
                                                        "mlp.down": None}
+
+
+def peft_targets(config) -> dict[str, list[tuple[int, int]] | None]:
+    """peft's layout on StableLM (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj): the ranges of
+    q / k / v in the fused qkv and of gate / up in gate_up; use with apply_lora(..., separate=True)."""
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    return {"attn.qkv": [(0, q), (q, q + kv), (q + kv, q + 2 * kv)], "attn.o": None,
+            "mlp.gate_up": [(0, inter), (inter, 2 * inter)], "mlp.down": None}
 
 
 def trainable_state_dict(module: nn.Module) -> dict:
@@ -124,8 +171,11 @@ def merge_lora(module: nn.Module) -> list[str]:
         if not isinstance(child, LoRALinear):
             continue
         base = child.base
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"merge_lora: {name!r} has a quantized base ({type(base).__name__}); merging would "
+                             f"re-quantize it: merge into the float model instead")
         with torch.no_grad():
-            delta = (child.lora_B @ child.lora_A) * child.scale
+            delta = child.delta_weight()
             rows = torch.cat([torch.arange(lo, hi, device=delta.device) for lo, hi in child.out_ranges])
             # Summed in float32, rounded once into the base dtype.
             base.weight[rows] = (base.weight[rows].float() + delta).to(base.weight.dtype)

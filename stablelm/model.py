@@ -119,8 +119,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down(ops.swiglu(gate, up))
+        # On the fused [gate; up] output: the backward writes both gradients into one buffer (no split + concat).
+        return self.down(ops.swiglu_fused(self.gate_up(x)))
 
 
 class Block(nn.Module):
@@ -350,6 +350,30 @@ class StableLM(StableLMModel):
                             attention_mask=attention_mask, cache=cache, last_only=last_only)
         # lm_head may be a QuantLinear (stablelm/quantize.py), which has no float weight: call the module.
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def loss(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor,
+             input_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """Next-token cross-entropy (transformers' labels convention: labels [B, S] aligned with the inputs, shifted
+        here, ignore_index ignored), equal to F.cross_entropy(self(...)[:, :-1].float(), labels[:, 1:]).
+
+        Only the positions whose next label counts go through the head (a prompt or image position needs no
+        logits), and the head and the loss are one op (ops.linear_cross_entropy: on CUDA chunked over the
+        tokens, no [tokens, vocab] float32 logits). A quantized head (QuantLinear) has no float weight to fuse
+        with: its logits are computed at those positions, then the loss."""
+        hidden = super().forward(input_ids, input_embeds=input_embeds, positions=positions,
+                                 attention_mask=attention_mask)
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != (batch, seq) = {tuple(hidden.shape[:2])}")
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != ignore_index  # boolean indexing: one host sync for the count of labelled positions
+        h, targets = hidden[:, :-1][keep], targets[keep]
+        head = self.lm_head
+        if head is None or isinstance(head, nn.Linear):
+            weight = self.embed.weight if head is None else head.weight
+            bias = None if head is None else head.bias
+            return ops.linear_cross_entropy(h, weight, targets, bias, ignore_index)
+        return F.cross_entropy(head(h).float(), targets, ignore_index=ignore_index)
 
     def prefill(self, cache: KVCache, input_ids: torch.Tensor | None = None, *,
                 input_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
