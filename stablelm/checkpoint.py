@@ -3,7 +3,7 @@
 The converted format is a directory with `model.safetensors` (project names: fused `qkv` and `gate_up`; its
 metadata records the LAYOUT_FIELDS the weights were converted with, checked against config.json on load),
 `config.json` ({"format": "stablelm", "version": 1, "config": StableLMConfig fields, "quantization": null or
-{"bits", "group_size"}}), the tokenizer files copied from the source (chat_template.jinja included) and
+{"bits", "group_size"[, "format": "nf4"]}}), the tokenizer files copied from the source (chat_template.jinja included) and
 `.stablelm-output.json`, the list of what was written. The tensor layout mapping and the reading of Hugging Face
 directories are stablelm/convert.py's.
 
@@ -39,8 +39,9 @@ VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_BITS = {"int8": 8, "int4": 4, "nf4": 4}
 INT4_GROUP_SIZE = 128
+NF4_BLOCK_SIZE = 64  # QLoRA's block; stored as the quantization's group_size, with "format": "nf4"
 LAYOUT_KEY = "stablelm_layout"      # model.safetensors metadata: the LAYOUT_FIELDS the weights were converted with
 MANIFEST = ".stablelm-output.json"  # what atomic_dir wrote into a directory, so --overwrite knows what it may delete
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -275,7 +276,7 @@ def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, q
                    group_size: int | None = None, overwrite: bool = False, progress: bool = False) -> None:
     """Write the converted form of the Hugging Face checkpoint `src` to `dst`, with its tokenizer files.
 
-    dtype: a DTYPES key (a value that overflows it is an error naming the tensor); quant: "int8" / "int4",
+    dtype: a DTYPES key (a value that overflows it is an error naming the tensor); quant: "int8" / "int4" / "nf4",
     weight-only, of the linear layers; group_size: int4's (default INT4_GROUP_SIZE), meaningless for int8;
     progress: bars on stderr while reading and converting.
     """
@@ -287,9 +288,13 @@ def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, q
         quantization = None
         if quant is not None:
             bits = QUANT_BITS[quant]
-            group_size = INT4_GROUP_SIZE if bits == 4 and group_size is None else group_size
-            tensors = quantize_state_dict(tensors, bits, group_size)
-            quantization = {"bits": bits, "group_size": group_size}
+            if quant == "nf4":
+                tensors = quantize_state_dict(tensors, bits, NF4_BLOCK_SIZE, fmt="nf4")
+                quantization = {"bits": bits, "group_size": NF4_BLOCK_SIZE, "format": "nf4"}
+            else:
+                group_size = INT4_GROUP_SIZE if bits == 4 and group_size is None else group_size
+                tensors = quantize_state_dict(tensors, bits, group_size)
+                quantization = {"bits": bits, "group_size": group_size}
         write_project_dir(out, cfg, tensors, quantization)
         copy_tokenizer_files(src, out)
 
@@ -351,7 +356,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         cfg, quant, tensors = read_project_dir(path)
     model = meta_model(cfg)
     if quant:
-        quantize_model(model, quant["bits"], quant["group_size"])
+        quantize_model(model, quant["bits"], quant["group_size"], fmt=quant.get("format", "int"))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_tensors(tensors, expected, str(path))
     if dtype is not None:
@@ -364,4 +369,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def _is_float_param(name: str, quant) -> bool:
     # Quantization scales/zeros keep the precision they were stored with.
-    return not (quant and (name.endswith(".scales") or name.endswith(".zeros")))
+    return not (quant and name.endswith((".scales", ".zeros", ".absmax_scale", ".absmax_mean")))

@@ -5,7 +5,7 @@
                                 [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--tp N]
     python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
     torchrun --nproc-per-node N -m stablelm generate --model DIR --tp N --prompt "..."   # tensor parallel
-    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4] [--group-size G] [--to-hf] [--overwrite]
+    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4|nf4] [--group-size G] [--to-hf] [--overwrite]
     python -m stablelm info --model DIR
     python -m stablelm check-op OP MODULE:FUNCTION [--device cpu|cuda] [--json OUT] [--seeds N] [--model] [--speed]
 
