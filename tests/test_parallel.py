@@ -297,21 +297,27 @@ def test_bench_tp_decode_tiny(world_of_one):
 def test_tp1_through_nccl_equals_plain_path(checkpoints):
     """World size 1 over NCCL (in process): logits and greedy tokens with the CUDA-graph decode step, which then
     captures the all-reduces and the all-gather, equal the plain model's."""
+    from stablelm.generate import DecodeSession
+
     _, dirs = checkpoints
     try:
-        for name in ("kv1_bias_qkln_vocab97", "int8"):
-            plain = stablelm.load(dirs[name], device="cuda")
-            tp = stablelm.load(dirs[name], device="cuda", tp=1)
+        for name, dtype in (("kv1_bias_qkln_vocab97", "fp32"), ("kv2_parallel_tied", "bf16"), ("int8", "fp32")):
+            plain = stablelm.load(dirs[name], device="cuda", dtype=dtype)
+            tp = stablelm.load(dirs[name], device="cuda", dtype=dtype, tp=1)
             assert torch.distributed.get_backend() == "nccl"
             ids = {k: v.cuda() for k, v in inputs(plain.config.vocab_size).items()}
             with torch.no_grad():
-                a, b = plain(ids["batch"]), tp(ids["batch"])
-            assert (a - b).abs().max().item() < 1e-5
+                a, b = plain(ids["batch"]).float(), tp(ids["batch"]).float()
+            assert (a - b).abs().max().item() < 1e-5, name  # a world of one: the collectives copy, bit for bit
             for kw in (dict(), dict(num_beams=3)):
                 x = ids["one"] if kw else ids["batch"]
+                session = DecodeSession(tp)
                 want = generate(plain, x, max_new_tokens=16, cuda_graph=True, **kw)
-                got = generate(tp, x, max_new_tokens=16, cuda_graph=True, **kw)
+                got = generate(tp, x, max_new_tokens=16, cuda_graph=True, session=session, **kw)
                 assert got.tolist() == want.tolist(), (name, kw)
+                # The steps were recorded as CUDA graphs, the all-reduces and the all-gather inside them.
+                steps = [step for bucket in session._buckets.values() for step in bucket.steps.values()]
+                assert session.builds and all(hasattr(step, "graph") for step in steps)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
