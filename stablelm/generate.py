@@ -316,7 +316,7 @@ class _State:
             tokens = sample(scores.softmax(dim=-1), self.generator)
         else:
             tokens = scores.argmax(dim=-1)
-        tokens = tokens.masked_fill(self.finished, self.pad)
+        tokens = torch.where(self.finished, self.pad, tokens)  # (masked_fill with a device value may sync)
         self.out.index_copy_(1, self.t, tokens[:, None])
         self.tokens.copy_(tokens)
         if sel.repetition_penalty != 1.0:
