@@ -284,7 +284,7 @@ def read_shard(source, shard: Shard, cfg: StableLMConfig, quant: dict | None) ->
         for name, t in source.items():
             rule = shard.slices(name, cfg, quant)
             out[name] = t if rule is None else torch.cat([t.narrow(rule[0], a, b - a) for a, b in rule[1]],
-                                                         rule[0]).clone()
+                                                         rule[0])  # a new tensor: the full one can go
         return out
     path = Path(source)
     try:

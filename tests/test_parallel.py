@@ -113,6 +113,8 @@ def checkpoints(tmp_path_factory):
         hf_model(seed=len(name), **overrides).save_pretrained(tmp / f"{name}-hf")
         convert_weights.main([str(tmp / f"{name}-hf"), str(tmp / name), *convert_args])
         dirs[name] = str(tmp / name)
+    # An unconverted Hugging Face directory: every rank converts it in memory, then keeps its slices.
+    dirs["from_hf_dir"] = str(tmp / "kv2_parallel_tied-hf")
     return tmp, dirs
 
 
@@ -163,6 +165,16 @@ def test_generation_token_identical(variant, mode, tp_results):
         assert got[variant][mode].tolist() == ref[variant][mode].tolist(), f"rank {r} {mode}"
 
 
+@pytest.mark.parametrize("mode", ["logits", "greedy", "beam"])
+def test_hugging_face_directory_under_tp(mode, tp_results):
+    ref, ranks = tp_results
+    for got in ranks:
+        if mode == "logits":
+            assert (got["from_hf_dir"]["logits"] - ref["from_hf_dir"]["logits"]).abs().max().item() < 1e-5
+        else:
+            assert got["from_hf_dir"][mode].tolist() == ref["from_hf_dir"][mode].tolist()
+
+
 def test_each_rank_holds_its_share(tp_results):
     _, ranks = tp_results
     for got in ranks:
@@ -190,9 +202,11 @@ def test_cli_generate_under_torchrun_prints_once(checkpoints, capsys):
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     src, dst = tmp / "cli-hf", tmp / "cli"
-    hf_model(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0, num_key_value_heads=2).save_pretrained(src)
+    hf = hf_model(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0, num_key_value_heads=2)
+    hf.save_pretrained(src)
     tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    (src / "tokenizer_config.json").write_text(json.dumps(special))
     convert_weights.main([str(src), str(dst)])
     args = ["generate", "--model", str(dst), "--prompt", PROMPT, "--max-new-tokens", "8", "--device", "cpu"]
     capsys.readouterr()
