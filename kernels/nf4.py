@@ -50,7 +50,6 @@ a K tile. Backward: one program per BLOCK_M x BLOCK_K tile of grad_x, looping ov
 weight tile); no split, so no partials.
 """
 import functools
-import math
 from dataclasses import dataclass
 
 import torch

@@ -16,9 +16,10 @@ Two layouts for a fused projection with several ranges:
                    on x serves the n adapters (peft draws one per adapter: equal in distribution, not draw for draw;
                    identical without dropout).
 
-The base weight is frozen; B starts at zero so a fresh adapter leaves the model's output unchanged. `LM_TARGETS` are the decoder's linears; `make_optimizer` is the
-AdamW + cosine decay the report model trains with, and `trainable_state_dict` what its checkpoints keep. It lives
-in stablelm/ (not vision/) so the classification heads and the report model train through the same code.
+The base weight is frozen; B starts at zero so a fresh adapter leaves the model's output unchanged. `LM_TARGETS` are
+the decoder's linears; `make_optimizer` is the AdamW + cosine decay the report model trains with, and
+`trainable_state_dict` what its checkpoints keep. It lives in stablelm/ (not vision/) so the classification heads
+and the report model train through the same code.
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ F.cross_entropy(F.linear(...).float()) with gradients, per dtype; nothing of [to
 backward; the labelled-positions loss of StableLM (stablelm/model.py) against the full-logits loss."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels.loss import (_chunk_ce_torch, _chunk_ce_triton, chunk_rows, linear_cross_entropy_chunked,
                           linear_cross_entropy_ref, linear_cross_entropy_triton)

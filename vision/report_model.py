@@ -12,10 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stablelm.generate import GenerationConfig, generate
+
+from stablelm.lora import LM_TARGETS, peft_targets
+from stablelm.quantize import QUANTIZED_LINEARS
 
 from .lora import apply_lora
 
@@ -23,6 +25,9 @@ PROMPT_TEMPLATE = "Human: <Img><ImageHere></Img> {instruction} \nAssistant:"
 DEFAULT_INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
 ENCODER_MODES = ("frozen", "lora")
 LM_MODES = ("frozen", "lora", "full")
+# fused: one adapter per fused projection (qkv, o, gate_up, down: 4 per layer); peft: one on each of q/k/v/o/gate/
+# up/down (7 per layer, peft's layout and parameter count), computed through the fused projections (stablelm/lora.py).
+LORA_LAYOUTS = ("fused", "peft")
 # GenerationConfig fields ReportModel.generate sets itself (both to the tokenizer's end id).
 GENERATION_SET_BY_MODEL = ("stop_ids", "pad_id")
 
@@ -43,6 +48,9 @@ class ReportConfig:
     lora_r: int = field(default=16, metadata={"help": "LM LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LM LoRA alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LM LoRA dropout"})
+    lora_layout: str = field(default="fused", metadata={
+        "choices": LORA_LAYOUTS,
+        "help": "LM adapters: one per fused qkv/o/gate_up/down, or peft's q/k/v/o/gate/up/down"})
     vis_lora_r: int = field(default=16, metadata={"help": "encoder LoRA rank"})
     vis_lora_alpha: float = field(default=16.0, metadata={"help": "encoder LoRA alpha"})
     vis_lora_dropout: float = field(default=0.1, metadata={"help": "encoder LoRA dropout"})
@@ -55,6 +63,8 @@ class ReportConfig:
             raise ValueError(f"encoder_mode={self.encoder_mode!r}: choose one of {ENCODER_MODES}")
         if self.lm_mode not in LM_MODES:
             raise ValueError(f"lm_mode={self.lm_mode!r}: choose one of {LM_MODES}")
+        if self.lora_layout not in LORA_LAYOUTS:
+            raise ValueError(f"lora_layout={self.lora_layout!r}: choose one of {LORA_LAYOUTS}")
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: must be >= 2 (a report token and the end token)")
 
@@ -99,9 +109,17 @@ class ReportModel(nn.Module):
         if c.encoder_mode == "lora":
             apply_lora(self.encoder, self.encoder.lora_targets(), c.vis_lora_r, c.vis_lora_alpha, c.vis_lora_dropout)
         if c.lm_mode == "lora":
-            apply_lora(self.lm, {"attn.qkv": None, "attn.o": None, "mlp.gate_up": None, "mlp.down": None},
-                       c.lora_r, c.lora_alpha, c.lora_dropout)
+            # Over a quantized LM (int8 / int4 / nf4 converted dir) this is QLoRA: the adapters wrap the frozen
+            # QuantLinear / NF4Linear modules, whose forward is differentiable in its input.
+            if c.lora_layout == "peft":
+                apply_lora(self.lm, peft_targets(self.lm.config), c.lora_r, c.lora_alpha, c.lora_dropout,
+                           separate=True)
+            else:
+                apply_lora(self.lm, LM_TARGETS, c.lora_r, c.lora_alpha, c.lora_dropout)
         elif c.lm_mode == "full":
+            if any(isinstance(m, QUANTIZED_LINEARS) for m in self.lm.modules()):
+                raise ValueError("lm_mode='full' needs a float LM: this one is quantized (its linear weights are "
+                                 "frozen buffers); use lm_mode='lora' (QLoRA) or a float checkpoint")
             for p in self.lm.parameters():
                 p.requires_grad_(True)
         for p in list(self.proj.parameters()) + list(self.proj_norm.parameters()):
@@ -173,8 +191,9 @@ class ReportModel(nn.Module):
     def forward(self, images, reports: list[str], image_mask=None) -> torch.Tensor:
         """Mean cross-entropy over the report tokens (next-token prediction)."""
         embeds, labels, attention_mask = self.training_inputs(images, reports, image_mask)
-        logits = self.lm(input_embeds=embeds, attention_mask=attention_mask)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        # Logits only where a label follows (the report), head and loss fused (StableLM.loss); equal to
+        # cross_entropy(lm(...)[:, :-1].float(), labels[:, 1:]).
+        return self.lm.loss(input_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()
     def generate(self, images, image_mask=None, **overrides) -> list[str]:
