@@ -30,7 +30,8 @@ sliced (convert it first to save every rank that read).
 Process group: `init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
 puts the rank on cuda:LOCAL_RANK (never on RANK: several hosts are the same as one), and uses a finite timeout
 (STABLELM_DIST_TIMEOUT seconds, default 300) so a rank that dies mid-collective cannot hang the others forever;
-torchrun also tears the whole job down when one worker fails. With no torchrun environment and tp=1 it starts a
+torchrun also tears the whole job down when one worker fails (the only guard for collectives replayed from a CUDA
+graph, which NCCL's watchdog does not time). With no torchrun environment and tp=1 it starts a
 world of one in process (an in-memory store), which runs the same code path through NCCL / gloo.
 
 CUDA graphs: the decode session captures the all-reduces and the all-gather like any kernel. That needs the NCCL
