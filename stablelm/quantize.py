@@ -94,6 +94,9 @@ class NF4Linear(nn.Module):
 # The modules that stand in for a frozen nn.Linear (LoRA wraps them as it wraps nn.Linear).
 QUANTIZED_LINEARS = (QuantLinear, NF4Linear)
 FORMATS = ("int", "nf4")
+# The output heads stay float by default: lm_head is one layer that every token's logits go through, and a
+# classifier's score head is tiny (num_labels rows), so quantizing it saves nothing.
+DEFAULT_SKIP = ("lm_head", "score")
 
 
 def _check_fmt(fmt: str, bits) -> None:
@@ -115,7 +118,7 @@ def _skipped(name: str, skip) -> bool:
     return any(fnmatch.fnmatchcase(name, s) or fnmatch.fnmatchcase(leaf, s) for s in skip)
 
 
-def quantize_model(module: nn.Module, bits: int, group_size: int = 128, skip=("lm_head",),
+def quantize_model(module: nn.Module, bits: int, group_size: int = 128, skip=DEFAULT_SKIP,
                    fmt: str = "int") -> nn.Module:
     """Replace, in place, every nn.Linear whose qualified name matches no skip entry by a QuantLinear (fmt "int")
     or an NF4Linear (fmt "nf4", bits 4, group_size the block size); a StableLM with tied embeddings gets a
@@ -143,10 +146,10 @@ def quantize_model(module: nn.Module, bits: int, group_size: int = 128, skip=("l
 # The nn.Linear modules of the project's layout (stablelm/model.py). A bare state dict does not say which 2-D
 # tensors are Linear weights (embed.weight and the q_norm/k_norm weights are 2-D too); the tests check this
 # list against quantize_model on a StableLM.
-STABLELM_LINEARS = ("qkv", "o", "gate_up", "down", "lm_head")
+STABLELM_LINEARS = ("qkv", "o", "gate_up", "down", "lm_head", "score")
 
 
-def quantize_state_dict(tensors: dict, bits: int, group_size: int = 128, skip=("lm_head",),
+def quantize_state_dict(tensors: dict, bits: int, group_size: int = 128, skip=DEFAULT_SKIP,
                         linears=STABLELM_LINEARS, fmt: str = "int") -> dict:
     """The state dict quantize_model(model, bits, group_size, skip) would have, from the float one: each
     `<module>.weight` whose module's last name is in `linears` (and matches no skip entry) becomes
@@ -161,7 +164,8 @@ def quantize_state_dict(tensors: dict, bits: int, group_size: int = 128, skip=("
             out[key] = tensor
             continue
         out.update(_quantized(key, module, tensor, bits, group_size, fmt))
-    tied = "embed.weight" in tensors and "lm_head.weight" not in tensors
+    # Only a causal LM has a tied head: a classifier's state dict has a score head and no lm_head at all.
+    tied = "embed.weight" in tensors and "lm_head.weight" not in tensors and "score.weight" not in tensors
     if tied and "lm_head" in linears and not _skipped("lm_head", skip):
         out.update(_quantized("embed.weight", "lm_head", tensors["embed.weight"], bits, group_size, fmt))
     return out
