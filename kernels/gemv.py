@@ -1,9 +1,10 @@
 """Skinny matmul for decode: out[M, N] = x[M, K] @ W[N, K]^T with M small (1..64), W bf16/fp16/fp32 or weight-only
 int8 / int4 in kernels/quant.py's formats, dequantised in registers. Memory bound: the weight read is the cost.
 
-Op (stablelm.ops.linear): linear(x, weight, bias) -> F.linear(x, weight, bias), x [..., K], weight [N, K] in x's
-dtype, bias [N] or None, output [..., N] in x's dtype. "torch" is F.linear (cuBLAS on CUDA); "triton" runs the
-kernels below where prefer_gemv says they are faster (flattened M == 1 today) and F.linear otherwise.
+Op (stablelm.ops.linear, what the model's Linear layers call): linear(x, weight, bias=None) -> [..., N] in x's
+dtype, equal to F.linear(x, weight, bias): x [..., K] (any leading dims, any strides), weight [N, K] in x's dtype,
+bias [N] in x's dtype or None. "torch" (linear_ref) is F.linear (cuBLAS on CUDA). "triton" (linear_triton) runs
+gemv() below only where it measured faster, and F.linear everywhere else (see gemv_pays for the rule and why).
 Quantized weights reach the same kernels through quant_gemv, which kernels/quant.py's "triton" quant_linear calls
 where prefer_gemv says so (same arguments and formats as quant_linear; reference: kernels.quant.quant_linear_ref).
 
@@ -36,7 +37,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels import contract as _c
+from kernels._common import FLOAT_DTYPES, INTERPRET, sm_count
+
 MAX_UNROLL = 16  # K tiles per program unrolled in the CUDA-core kernel (more: a loop)
 MAX_M = 64  # above this the matmul is no longer bound by the weight read: F.linear / the tiled quant matmul
 
@@ -279,10 +282,6 @@ def check_config(cfg: GemvConfig, bits: int, group_size: int) -> None:
         raise ValueError(f"gemv: split_k must be >= 1, got {cfg.split_k}")
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 # Measured tilings: (bits, M bucket = next power of two >= M, N, K) -> (block_m, block_n, block_k, split_k,
 # num_warps, num_stages), the fastest of bench/gemv_sweep.py's candidates on an H200 (int4 at group_size 128).
 # Shapes not listed take the heuristic below.
@@ -319,7 +318,7 @@ def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         cfg = GemvConfig(*tuned)
         if bits != 4 or group_size % cfg.block_k == 0:
             return cfg
-    sms = _sm_count(device)
+    sms = sm_count(device, interpreted=4)
     if M == 1:
         if bits == 4:
             block_n, block_k, warps = 64, min(128, group_size & -group_size), 4
@@ -435,15 +434,90 @@ def prefer_gemv(M: int, bits: int) -> bool:
     return M == 1 and bits != 4
 
 
+def gemv_pays(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The linear op's dispatch rule: whether "triton" runs gemv() for float weights [N, K] at M rows (leading dims
+    of x flattened). On CUDA: only M == 1 in bfloat16 at an (N, K) that TUNED holds a bits-16 tiling for, i.e. the
+    StableLM-3B decode shapes at batch 1, where the CUDA-core kernel measured 1.03-1.23x cuBLAS per call on an H200
+    and the bs-1 decode step went 2.39 -> 2.20 ms (bench/results/gemv_h200.json, bench/NOTES_decode.md). At M >= 2
+    the tensor-core kernel lost to cuBLAS (0.57-0.94x), and an untuned shape or another dtype has no measurement
+    behind it, so those stay on cuBLAS. On CPU tensors under TRITON_INTERPRET=1 (no speed to lose) every M == 1
+    call takes the kernel, so the CPU tests exercise it; without the interpreter, F.linear."""
+    if M != 1:
+        return False
+    if device.type != "cuda":
+        return INTERPRET
+    return dtype == torch.bfloat16 and (16, 1, N, K) in TUNED
+
+
 def linear_triton(x, weight, bias=None):
-    """The linear op through gemv where prefer_gemv says it is faster (decode at batch 1), else F.linear."""
+    """The linear op: gemv() where gemv_pays (batch-1 decode at the tuned shapes), else F.linear.
+
+    Training: the kernels have no backward, so whenever autograd would record the call (grad mode on and x, weight
+    or bias requiring grad) this is F.linear, whose gradients are the reference's; gemv() only runs under
+    torch.no_grad() / inference_mode or on tensors that need no gradient (generate(), a captured decode step)."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    if (M == 0 or M > MAX_M or not prefer_gemv(M, 16) or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype or weight.dim() != 2
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (not gemv_pays(M, weight.shape[0], K, x.dtype, x.device) or weight.dtype != x.dtype or weight.dim() != 2
+            or (bias is not None and bias.dtype != x.dtype)
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
         return F.linear(x, weight, bias)
     out = gemv(x.reshape(M, K), weight, bias=bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contract (kernels/contract.py): the checks every implementation of linear passes
+
+def _linear_inputs(case, seed, device):
+    """x [M, K] or [2, M, K] (batched) or a [1, 1, K] strided view (as the model's decode step passes it);
+    weight scaled by K^-1/2 so outputs stay O(1) in every dtype."""
+    p = case.params
+    M, N, K = p["M"], p["N"], p["K"]
+    gen = _c.generator(case, seed)
+    if p.get("batched"):
+        x = _c.randn(gen, 2, M, K, dtype=case.dtype, device=device)
+    elif p.get("view"):  # one row of a wider buffer: leading strides that are not K
+        x = _c.randn(gen, 1, 3, 2 * K, dtype=case.dtype, device=device)[:, 1:2, :K]
+    else:
+        x = _c.randn(gen, M, K, dtype=case.dtype, device=device)
+    weight = _c.randn(gen, N, K, dtype=case.dtype, device=device, scale=K ** -0.5)
+    bias = _c.randn(gen, N, dtype=case.dtype, device=device) if p.get("bias") else None
+    return dict(x=x, weight=weight, bias=bias)
+
+
+def _linear_grid():
+    grid = []
+    for M in (1, 3, 17):
+        for N, K in ((37, 224), (96, 320), (250, 512)):
+            grid.append(dict(M=M, N=N, K=K, bias=M == 3))
+    grid += [dict(M=1, N=37, K=224, bias=True, view=True), dict(M=4, N=96, K=320, batched=True),
+             dict(M=1, N=2560, K=6912), dict(M=1, N=7680, K=2560, bias=True)]
+    return grid
+
+
+_LINEAR_TOL = {torch.float32: _c.Tol(2e-5, 1e-4), torch.float16: _c.Tol(2e-3, 2e-3),
+               torch.bfloat16: _c.Tol(1e-2, 1.6e-2)}
+# M1 cases run the gemv kernel in the interpreter; M3 / grad cases check the F.linear fallback (and that gradients
+# flow through the op).
+_LINEAR_CPU = {"M1-N37-K224-fp32", "M1-N250-K512-bf16", "M1-N37-K224-bias-view-fp16", "M3-N96-K320-bias-fp32",
+               "M1-N96-K320-fp32-grad"}
+
+
+def _linear_work(inputs):
+    x, w = inputs["x"], inputs["weight"]
+    N, K = w.shape
+    M = x.numel() // K
+    return {"bytes": w.nbytes + x.nbytes + M * N * x.element_size(), "flops": 2 * M * N * K}
+
+
+CONTRACTS = {"linear": _c.Contract(
+    op="linear", reference=linear_ref, make_inputs=_linear_inputs,
+    cases=_c.make_cases(_linear_grid(), _c.FLOAT_DTYPES, grad=(False, True), cpu=_LINEAR_CPU),
+    tol=_LINEAR_TOL, grad_tol=_LINEAR_TOL, grad_inputs=("x", "weight", "bias"),
+    bench=[_c.Case("3b-qkv-M1", dict(M=1, N=7680, K=2560), torch.bfloat16),
+           _c.Case("3b-down-M1", dict(M=1, N=2560, K=6912), torch.bfloat16),
+           _c.Case("3b-lm_head-M1", dict(M=1, N=50304, K=2560), torch.bfloat16)],
+    work=_linear_work)}
 
 IMPLEMENTATIONS = {"linear": {"torch": linear_ref, "triton": linear_triton}}

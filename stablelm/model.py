@@ -26,6 +26,15 @@ from .config import StableLMConfig
 DEFAULT_PREFILL_CHUNK = 2048
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose arithmetic is ops.linear (on CUDA a batch-1 decode GEMV where it beats cuBLAS, F.linear
+    otherwise and under autograd). Same parameters, state-dict keys and isinstance as nn.Linear, so LoRA,
+    quantize_model and checkpoints treat it as one."""
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm whose weight/bias may be per head ([H, N]); the arithmetic is ops.layer_norm."""
 
@@ -78,9 +87,9 @@ class Attention(nn.Module):
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim,
-                             bias=config.use_qkv_bias)
-        self.o = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim,
+                          bias=config.use_qkv_bias)
+        self.o = Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
         if config.qk_layernorm:
             self.q_norm = LayerNorm((self.heads, self.head_dim), config.layer_norm_eps, bias=False)
             self.k_norm = LayerNorm((self.kv_heads, self.head_dim), config.layer_norm_eps, bias=False)
@@ -115,8 +124,8 @@ class MLP(nn.Module):
     def __init__(self, config: StableLMConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         # On the fused [gate; up] output: the backward writes both gradients into one buffer (no split + concat).
@@ -339,8 +348,8 @@ class StableLM(StableLMModel):
 
     def __init__(self, config: StableLMConfig):
         super().__init__(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                        bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
+                                                                     bias=False)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -349,7 +358,7 @@ class StableLM(StableLMModel):
         x = super().forward(input_ids, input_embeds=input_embeds, positions=positions,
                             attention_mask=attention_mask, cache=cache, last_only=last_only)
         # lm_head may be a QuantLinear (stablelm/quantize.py), which has no float weight: call the module.
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return ops.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
     def loss(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor,
              input_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,

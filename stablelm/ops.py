@@ -13,6 +13,7 @@ module that holds the op's reference):
   quant_linear(x, qweight, scales, zeros, bias, bits, group_size)   kernels/quant.py
   nf4_linear(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size)   kernels/nf4.py
   linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100)   kernels/loss.py
+  linear(x, weight, bias=None)   (F.linear; the model's Linear layers)   kernels/gemv.py
 
 "torch" is the pure-PyTorch reference and runs anywhere. Swap without touching the model:
 
@@ -30,6 +31,7 @@ import contextlib
 # Imported as kernels.<name>: the ops below reuse the names rotary and attention.
 import kernels.attention
 import kernels.decode
+import kernels.gemv
 import kernels.loss
 import kernels.mlp
 import kernels.nf4
@@ -39,7 +41,7 @@ import kernels.rotary
 from kernels._common import INTERPRET
 
 _KERNEL_MODULES = (kernels.rotary, kernels.attention, kernels.decode, kernels.norm, kernels.mlp, kernels.quant,
-                   kernels.nf4, kernels.loss)
+                   kernels.nf4, kernels.loss, kernels.gemv)
 
 # Preferred implementation first, from the measurements in bench/results/ (README, "Swapping kernels", says why).
 CUDA_PREFERENCE = {
@@ -53,6 +55,7 @@ CUDA_PREFERENCE = {
     "quant_linear": ["triton", "torch"],
     "nf4_linear": ["triton", "torch"],
     "linear_cross_entropy": ["triton", "chunked", "torch"],
+    "linear": ["triton", "torch"],
 }
 
 _registry: dict[str, dict] = {}
@@ -162,6 +165,10 @@ def nf4_linear(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size):
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100):
     return get("linear_cross_entropy", hidden.device.type)(hidden, weight, labels, bias, ignore_index)
+
+
+def linear(x, weight, bias=None):
+    return get("linear", x.device.type)(x, weight, bias)
 
 
 def _register_kernels():

@@ -129,6 +129,132 @@ def test_linear_op_matches_f_linear():
     assert wg.grad is not None
 
 
+def _count_gemv(monkeypatch):
+    import kernels.gemv as G
+    calls = []
+    real = G.gemv
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(G, "gemv", counting)
+    return calls
+
+
+def test_gemv_pays_is_batch_one_at_tuned_bf16_shapes():
+    from kernels.gemv import TUNED, gemv_pays
+    cuda = torch.device("cuda")  # the rule reads only the device type: no GPU needed here
+    for (bits, m, N, K) in TUNED:
+        if bits == 16:
+            assert gemv_pays(1, N, K, torch.bfloat16, cuda)
+            assert not gemv_pays(2, N, K, torch.bfloat16, cuda)  # M >= 2 measured slower than cuBLAS
+            assert not gemv_pays(1, N, K, torch.float32, cuda)  # not measured: cuBLAS
+    assert not gemv_pays(1, 37, 224, torch.bfloat16, cuda)  # untuned shape
+    # The interpreter takes the kernel at every M == 1 shape, so the CPU tests reach it.
+    assert gemv_pays(1, 37, 224, torch.float32, torch.device("cpu")) == (DEVICE == "cpu")
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (1, 1, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_one_row_runs_the_kernel_any_leading_dims(lead, bias, monkeypatch):
+    if DEVICE == "cuda":
+        N, K, dtype = 2560, 6912, torch.bfloat16  # a tuned shape
+    else:
+        N, K, dtype = 45, 96, torch.float16
+    calls = _count_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(len(lead) + bias)
+    x = torch.randn(*lead, K, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(N, K, generator=gen) * K ** -0.5).to(DEVICE, dtype)
+    b = torch.randn(N, generator=gen).to(DEVICE, dtype) if bias else None
+    out = linear_triton(x, w, b)
+    assert calls == [(1, K)]
+    assert out.shape == (*lead, N) and out.dtype == dtype
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    # A strided one-row view (the model slices the last position) too.
+    wide = torch.randn(1, 3, 2 * K, generator=gen).to(DEVICE, dtype)
+    xv = wide[:, 2:, :K]
+    torch.testing.assert_close(linear_triton(xv, w, b).float(),
+                               F.linear(xv.float(), w.float(), None if b is None else b.float()), **TOL[dtype])
+
+
+def test_linear_under_autograd_is_f_linear_with_its_gradients(monkeypatch):
+    # One row with grad mode on: the kernel has no backward, so the op is F.linear and gradients flow; under
+    # no_grad the same call (weights still requires_grad, as a model's are in generate()) runs the kernel.
+    calls = _count_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1, 64, generator=gen).to(DEVICE)
+    w = torch.randn(24, 64, generator=gen).to(DEVICE)
+    b = torch.randn(24, generator=gen).to(DEVICE)
+    for needs in ("x", "weight", "bias"):
+        leaves = {"x": x.clone(), "weight": w.clone(), "bias": b.clone()}
+        leaves[needs].requires_grad_()
+        out = linear_triton(leaves["x"], leaves["weight"], leaves["bias"])
+        g = torch.randn(out.shape, generator=gen).to(DEVICE)
+        (got,) = torch.autograd.grad(out, leaves[needs], g)
+        ref_leaves = {k: v.detach().clone().requires_grad_(k == needs) for k, v in leaves.items()}
+        ref_out = F.linear(ref_leaves["x"], ref_leaves["weight"], ref_leaves["bias"])
+        (want,) = torch.autograd.grad(ref_out, ref_leaves[needs], g)
+        assert torch.equal(out, ref_out.detach()) and torch.equal(got, want)
+    assert calls == []
+    with torch.no_grad():
+        linear_triton(x, w.requires_grad_(), b)
+    assert len(calls) == (1 if DEVICE == "cpu" else 0)  # (24, 64) is no tuned shape on CUDA
+
+
+def test_model_linears_go_through_the_op_and_stay_nn_linear(monkeypatch):
+    """The model's projections are stablelm.model.Linear: nn.Linear for LoRA / quantize_model / checkpoints (same
+    keys), their arithmetic ops.linear: a batch-1 decode step with linear="triton" runs every projection through
+    the kernel (in the interpreter here) and matches linear="torch"; training at one row falls back to F.linear
+    and gives the same gradients."""
+    from torch import nn
+
+    from stablelm import StableLM, ops, preset
+    from stablelm.lora import apply_lora
+    from stablelm.model import Linear
+    from stablelm.quantize import QuantLinear, quantize_model
+
+    cfg = preset("tiny")
+    model = StableLM.random(cfg, seed=2, device=DEVICE)
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear)]
+    assert len(names) == 4 * cfg.num_hidden_layers + 1 and all(isinstance(m, nn.Linear) for m in model.modules()
+                                                               if isinstance(m, Linear))
+    keys = set(model.state_dict())
+    assert {f"{n}.weight" for n in names} <= keys and not any("base" in k for k in keys)
+    others = {op: "torch" for op in ops.CUDA_PREFERENCE if op != "linear"}
+    ids = torch.randint(0, cfg.vocab_size, (1, 7), device=DEVICE)
+
+    def decode(impl):
+        cache = model.make_cache(1, 16)
+        with ops.using(linear=impl, **others), torch.no_grad():
+            model.prefill(cache, ids[:, :5])
+            return model(ids[:, 5:6], cache=cache)
+
+    calls = _count_gemv(monkeypatch)
+    got = decode("triton")
+    if DEVICE == "cpu":
+        # every projection of the step, plus the prefill's lm_head on its last position (one row too)
+        assert len(calls) == len(names) + 1 and set(calls) == {(1, cfg.hidden_size), (1, cfg.intermediate_size)}
+    torch.testing.assert_close(got, decode("torch"), atol=1e-4, rtol=1e-4)
+
+    def grads(impl):
+        model.zero_grad()
+        with ops.using(linear=impl, **others):
+            model(ids[:, :1]).float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    calls.clear()
+    g_triton, g_torch = grads("triton"), grads("torch")
+    assert calls == [] and g_triton.keys() == g_torch.keys() and len(g_triton) == len(list(model.parameters()))
+    for n in g_torch:
+        assert torch.equal(g_triton[n], g_torch[n]), n
+
+    lora = StableLM.random(cfg, seed=2, device=DEVICE)
+    assert len(apply_lora(lora, {"qkv": None, "o": None}, r=2, alpha=4)) == 2 * cfg.num_hidden_layers
+    quant = quantize_model(StableLM.random(cfg, seed=2, device=DEVICE), bits=8, skip=())
+    assert not any(isinstance(m, nn.Linear) for m in quant.modules())
+    assert sum(isinstance(m, QuantLinear) for m in quant.modules()) == len(names)
+
+
 def test_choose_config_is_valid():
     dev = torch.device(DEVICE)
     for M in (1, 2, 16, 33, 64):
@@ -181,3 +307,41 @@ def test_gpu_split_and_tile_variants():
             out = gemv(x, w, s, z, b, bits, 128, config=cfg)
             rel = ((out.float() - ref).norm() / ref.norm()).item()
             assert rel < 4e-3, (cfg, rel)
+
+
+@pytest.mark.gpu
+def test_gpu_3b_batch_one_decode_through_ops_linear(monkeypatch):
+    """The 3B model at batch 1: the captured decode step with linear="triton" runs every projection through the
+    kernel and is as close to an fp32 reference as linear="torch" (cuBLAS) is."""
+    import copy
+
+    from stablelm import StableLM, ops, preset
+    from stablelm.graph import GraphDecodeStep
+
+    cfg = preset("stablelm-3b-4e1t")
+    ref = StableLM.random(cfg, seed=0, device="cuda", dtype=torch.float32)
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, 100), device="cuda", generator=gen)
+    steps = torch.randint(0, cfg.vocab_size, (1, 4), device="cuda", generator=gen)
+
+    def decode(m, impl, graph):
+        cache = m.make_cache(1, 128)
+        with ops.using(linear=impl), torch.no_grad():
+            m.prefill(cache, ids)
+            step = GraphDecodeStep(m, cache) if graph else (lambda t: m(t, cache=cache, last_only=True)[:, -1])
+            return torch.stack([step(steps[:, t:t + 1]).float().clone() for t in range(steps.shape[1])])
+
+    want = decode(ref, "torch", graph=False)
+    base = decode(model, "torch", graph=True)
+    calls = _count_gemv(monkeypatch)
+    got = decode(model, "triton", graph=True)
+    assert len(calls) >= 4 * cfg.num_hidden_layers + 1  # captured (and warmed up) through the kernel
+    eager = decode(model, "triton", graph=False)
+    err_triton, err_torch, err_eager = rel(got, want), rel(base, want), rel(eager, want)
+    assert err_triton < 1.5 * err_torch + 1e-3 and err_eager < 1.5 * err_torch + 1e-3, (err_triton, err_eager,
+                                                                                        err_torch)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

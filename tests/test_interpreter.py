@@ -50,6 +50,10 @@ for impl in ("torch", "triton"):
     out[impl] = (q_out, *caches)
 for got, want in zip(out["triton"], out["torch"]):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+# The decode GEMV behind ops.linear (one row).
+x1, w1, b1 = torch.randn(1, 1, 96), torch.randn(37, 96), torch.randn(37)
+torch.testing.assert_close(ops.implementation("linear", "triton")(x1, w1, b1), torch.nn.functional.linear(x1, w1, b1),
+                           atol=2e-5, rtol=1e-4)
 print("interpreted kernels match")
 """
 
@@ -62,6 +66,7 @@ def test_triton_kernels_run_in_the_interpreter_outside_pytest():
 
 WITHOUT_INTERPRETER = """
 import torch
+from kernels.nf4 import quantize_nf4
 from kernels.quant import quantize_weight
 from stablelm import ops
 
@@ -72,6 +77,8 @@ cos, sin = torch.ones(B, S, half), torch.zeros(B, S, half)
 cache = torch.zeros(B, H, 8, D)
 pos = torch.zeros(B, dtype=torch.int32)
 qw, scales, zeros = quantize_weight(torch.randn(8, 32), 8)
+nf4 = quantize_nf4(torch.randn(8, 64), 64)
+lin_w, labels = torch.randn(8, 32), torch.tensor([1, 3])
 calls = {
     "rotary": lambda: ops.rotary(q, k, cos, sin),
     "rotary_cache": lambda: ops.rotary_cache(q, k, v, cos, sin, cache, cache.clone(), pos),
@@ -80,6 +87,10 @@ calls = {
     "layer_norm": lambda: ops.layer_norm(x, w, b, 1e-5),
     "swiglu": lambda: ops.swiglu(x, x),
     "quant_linear": lambda: ops.quant_linear(x, qw, scales, zeros, None, 8, 128),
+    "swiglu_fused": lambda: ops.swiglu_fused(x),
+    "nf4_linear": lambda: ops.nf4_linear(torch.randn(B, S, 64), *nf4, None, 64),
+    "linear_cross_entropy": lambda: ops.linear_cross_entropy(x[0], lin_w, labels),
+    "linear": lambda: ops.linear(x[:, :1], lin_w),
 }
 assert sorted(calls) == sorted(ops.CUDA_PREFERENCE)
 for op, call in calls.items():
