@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import SwinConfig as HFSwinConfig
 from transformers import SwinForImageClassification, SwinModel
 
-from stablelm.checkpoint import CheckpointError
+from stablelm.checkpoint import MANIFEST
+from stablelm.convert import CheckpointError
 from vision import swin, swin_checkpoint
 from vision.lora import apply_lora
 from vision.swin import SwinConfig, SwinEncoder, swin_base_224, swin_tiny_test
@@ -137,7 +138,9 @@ def test_converted_round_trip_is_exact(tmp_path):
     kw, shape = CONFIGS["absolute_no_qkv_bias"]
     encoder = load_hf_swin(_saved(tmp_path / "hf", **kw))
     save_converted(encoder, tmp_path / "conv")
-    assert sorted(p.name for p in (tmp_path / "conv").iterdir()) == ["config.json", "encoder.safetensors"]
+    # Besides the format's two files only atomic_dir's record of what it wrote (stablelm.checkpoint.MANIFEST).
+    assert sorted(p.name for p in (tmp_path / "conv").iterdir()) == sorted(
+        ["config.json", "encoder.safetensors", MANIFEST])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left over
     loaded = load_converted(tmp_path / "conv")
     assert loaded.config == encoder.config

@@ -32,9 +32,11 @@ FIXED_NORM_EPS = 1e-5
 SHIFT_MASK_VALUE = -100.0
 
 # Keys of a transformers SwinConfig dict that do not change the encoder's forward pass (masked-image-modeling
-# decoder stride, backbone outputs, derived values checked separately).
+# decoder stride, backbone outputs, derived values checked separately, and the head's: the encoder is the same
+# under SwinModel and SwinForImageClassification, whose classifier is dropped).
 _IGNORED_SWIN_KEYS = {"encoder_stride", "out_features", "out_indices", "stage_names", "path_norm",
-                      "num_layers", "hidden_size", "_out_features", "_out_indices"}
+                      "num_layers", "hidden_size", "_out_features", "_out_indices",
+                      "architectures", "id2label", "label2id", "problem_type", "num_labels"}
 
 
 # ---------------------------------------------------------------------------------------------------- config

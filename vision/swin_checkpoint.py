@@ -5,8 +5,8 @@
 
 `convert_hf_state_dict` maps a transformers checkpoint onto vision/swin.py's layout (query/key/value fused into
 `attn.qkv`); the converted format is a directory with `encoder.safetensors` and `config.json` ({"format": "swin",
-"version": 1, "config": SwinConfig fields}). Reading HF directories, tensor checks and atomic writes are
-stablelm/checkpoint.py's, shared with the language model.
+"version": 1, "config": SwinConfig fields}). Reading HF directories and files, tensor checks (stablelm/convert.py)
+and atomic writes (stablelm/checkpoint.py) are shared with the language model. Paths may start with `~`.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from stablelm.checkpoint import CheckpointError, atomic_dir, check_tensors, read_hf_tensors
+from stablelm.checkpoint import atomic_dir
+from stablelm.convert import CheckpointError, check_tensors, read_hf_tensors, read_json, read_tensor_file
 
 from .swin import SwinConfig, SwinEncoder, relative_position_index
 
@@ -133,10 +134,10 @@ def _build(config: SwinConfig, tensors: dict, what: str) -> SwinEncoder:
 def load_hf_swin(directory: str | Path) -> SwinEncoder:
     """An encoder from a transformers SwinModel / SwinForImageClassification directory (config.json +
     model.safetensors, sharded safetensors with an index, or pytorch_model.bin), in the stored dtype."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory}: no config.json")
-    config = SwinConfig.from_hf(json.loads((directory / "config.json").read_text()))
+    config = SwinConfig.from_hf(read_json(directory / "config.json"))
     return _build(config, convert_hf_state_dict(read_hf_tensors(directory), config), str(directory))
 
 
@@ -157,12 +158,12 @@ def save_converted(encoder: SwinEncoder, directory: str | Path, overwrite: bool 
 
 def load_converted(directory: str | Path) -> SwinEncoder:
     """An encoder written by save_converted, in the stored dtype."""
-    directory = Path(directory)
-    meta = json.loads((directory / "config.json").read_text())
+    directory = Path(directory).expanduser()
+    meta = read_json(directory / "config.json")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory}/config.json is not a converted Swin encoder (format "
                               f"{meta.get('format')!r}); use load_hf_swin for a transformers directory")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{directory}: format version {meta.get('version')} unsupported (expected {VERSION})")
     config = SwinConfig.from_dict(meta["config"])
-    return _build(config, load_file(str(directory / "encoder.safetensors")), str(directory))
+    return _build(config, read_tensor_file(directory / "encoder.safetensors"), str(directory))
