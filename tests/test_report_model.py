@@ -10,7 +10,8 @@ from vision import synthetic
 from vision import train as train_script
 from vision.data import ReportDataset, collate_reports, load_annotation
 from vision.lora import LoRALinear
-from vision.pipeline import build_model, build_tokenizer, evaluate, load_trained, save_checkpoint
+from vision.pipeline import (build_model, build_tokenizer, evaluate, load_run_checkpoint, restore_training,
+                             save_run_checkpoint)
 from vision.report_model import ReportConfig, report_generation
 
 GEN = dict(num_beams=1, min_new_tokens=0, max_new_tokens=40)
@@ -30,10 +31,9 @@ def tokenizer_dir(synth, tmp_path_factory):
 
 
 def spec(tokenizer_dir, **report):
+    config = ReportConfig(max_length=40, generation=report_generation().replace(**GEN))
     return {"lm": None, "lm_preset": "tiny", "encoder": None, "encoder_preset": "tiny", "tokenizer": tokenizer_dir,
-            "seed": 0, "report": {**ReportConfig(max_length=40, generation=report_generation().replace(**GEN)).to_dict(),
-                                  **report}, "dataset": "iu_xray",
-            "precision": "fp32"}
+            "seed": 0, "report": {**config.to_dict(), **report}, "dataset": "iu_xray", "precision": "fp32"}
 
 
 def batch(synth, n=4, split="train"):
@@ -113,17 +113,14 @@ def test_save_resume_gives_identical_next_step_loss(synth, tokenizer_dir, tmp_pa
     torch.manual_seed(1)
     model = build_model(s, "cpu", "fp32")
     _, opt, sched = _train_steps(model, b, 2)
-    save_checkpoint(tmp_path / "last.pt", model, opt, sched, epoch=0, step=2, spec=s)
+    save_run_checkpoint(tmp_path / "last", model, s, epoch=0, step=2, optimizer=opt, scheduler=sched)
     next_loss, _, _ = _continue(model, opt, sched, b)
 
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert set(state["trained"]) == {n for n, p in model.named_parameters() if p.requires_grad}
-    fresh = build_model(state["spec"], "cpu", "fp32")
-    load_trained(fresh, state)
+    run = load_run_checkpoint(tmp_path / "last")
+    assert set(run.trained) == {n for n, p in model.named_parameters() if p.requires_grad}
+    fresh = build_model(run.spec, "cpu", "fp32")
     opt2, sched2 = make_optimizer(fresh, 3e-3, 0.0, 100)
-    opt2.load_state_dict(state["optimizer"])
-    sched2.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    restore_training(run, fresh, opt2, sched2)
     resumed, _, _ = _continue(fresh, opt2, sched2, b)
     assert resumed == next_loss
 
@@ -167,16 +164,15 @@ def test_tiny_model_learns_the_synthetic_set(synth, tmp_path):
             "--num-beams", "1", "--min-new-tokens", "0", "--max-new-tokens", "48", "--out", str(out)]
     results = train_script.main(args)
     best = results["best"]["val"]
-    state = torch.load(out / "best.pt", weights_only=False)
-    untrained = build_model(state["spec"], "cpu", "fp32")
+    untrained = build_model(load_run_checkpoint(out / "best").spec, "cpu", "fp32")
     val = ReportDataset(load_annotation(synth / "annotation.json"), synth / "images", "val")
     loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate_reports)
     before = evaluate(untrained, loader, "cpu", num_beams=1, min_new_tokens=0, max_new_tokens=48)["scores"]
     assert best["BLEU_4"] > 0.15 and best["BLEU_4"] > before["BLEU_4"] + 0.1, (before, best)
     assert best["CIDEr"] > 0.5 and best["CIDEr"] > before["CIDEr"] + 0.4, (before, best)
     assert json.loads((out / "results.json").read_text())["best"]["epoch"] == results["best"]["epoch"]
-    # evaluate.py reloads best.pt (trained tensors only) and reproduces the validation scores
-    again = evaluate_script.main(["--checkpoint", str(out / "best.pt"), "--annotation",
+    # evaluate.py reloads best (trained tensors only) and reproduces the validation scores
+    again = evaluate_script.main(["--checkpoint", str(out / "best"), "--annotation",
                                   str(synth / "annotation.json"), "--image-dir", str(synth / "images"),
                                   "--split", "val", "--out", str(tmp_path / "val.json")])
     assert again["scores"] == pytest.approx(best)

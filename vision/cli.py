@@ -1,15 +1,25 @@
 """What the vision CLIs (`python -m vision.train`, `python -m vision.evaluate`) share: flags built from dataclass
-fields, so defaults, choices and help have one home (ReportConfig, GenerationConfig, TrainConfig), and the help
-formatter that shows every default.
+fields, so defaults, choices and help have one home (ReportConfig, GenerationConfig, TrainConfig), the help
+formatter that shows every default, path / device flag types, and how errors reach the user.
 
     add_fields(parser, ReportConfig, "report", skip={"generation"})   # --lm-mode {frozen,lora,full}, ...
     ReportConfig(**fields_of(args, "report"))
+    run_cli(parser, handler)   # user errors: `prog: error: ...`, exit 2, no traceback
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+import traceback
 import typing
+from pathlib import Path
+
+import torch
+
+from stablelm.cli import report_user_errors
+
+from .pipeline import ValidationFailed
 
 UNSET_HELP = "default: the checkpoint's"
 
@@ -25,6 +35,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+
+
+def path(text: str) -> Path:
+    """A path flag, `~` expanded."""
+    return Path(text).expanduser()
+
+
+def device(text: str) -> torch.device:
+    """A torch device flag that exists on this machine."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_cli(parser: argparse.ArgumentParser, handler) -> None:
+    """handler(args, parser) for the command line, then exit: a user error (a bad value, a missing or unreadable
+    file, a refused checkpoint) prints `prog: error: ...` and exits 2; a failed validation prints its cause's
+    traceback, then `prog: error: ...` saying where the epoch is saved, and exits 1."""
+    args = parser.parse_args()
+    try:
+        report_user_errors(handler, args, parser)
+    except ValidationFailed as e:
+        traceback.print_exception(e.__cause__)
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    sys.exit(0)
 
 
 def _parse_early_stopping(text: str) -> bool | str:

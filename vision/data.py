@@ -1,5 +1,6 @@
 """R2GenGPT-style report data: annotation.json loading and validation, report cleaning, X-ray image transforms,
-the study dataset and its collate function.
+the study dataset (with `check_images`, a header read of every image before training) and its collate function.
+Paths may start with `~`.
 
 annotation.json (the format of R2Gen / R2GenGPT): {"train": [...], "val": [...], "test": [...]}, each entry
 {"id": str, "report": str, "image_path": [paths relative to the image dir], "split": str (optional, must name
@@ -77,10 +78,10 @@ def validate_annotation(data, source: str = "annotation") -> dict[str, list[dict
 
 def load_annotation(path) -> dict[str, list[dict]]:
     """Read and validate an R2GenGPT annotation.json: {"train"|"val"|"test": [entries]}."""
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return validate_annotation(data, source=str(path))
 
@@ -158,6 +159,7 @@ def clean_report(text: str, dataset: str) -> str:
 
 # ---------------------------------------------------------------------------- images
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 
 
 def load_image(path) -> Image.Image:
@@ -166,7 +168,7 @@ def load_image(path) -> Image.Image:
         if img.mode in _SIXTEEN_BIT_MODES:
             arr = np.asarray(img, dtype=np.float32) / 257.0
             return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-        if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
+        if img.mode not in _EIGHT_BIT_MODES:
             raise ValueError(f"{path}: unsupported image mode {img.mode!r}")
         return img.convert("RGB")
 
@@ -226,7 +228,7 @@ class ReportDataset(Dataset):
         entries = validate_annotation(annotation)[split]
         if not entries:
             raise ValueError(f"split {split!r} of the annotation has no entries")
-        self.image_dir = Path(image_dir)
+        self.image_dir = Path(image_dir).expanduser()
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.image_dir}")
         self.entries = entries
@@ -236,6 +238,32 @@ class ReportDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def check_images(self, show: int = 10) -> None:
+        """Read the header of every image the split uses (PIL's open decodes no pixels), so a missing, unreadable
+        or unsupported file is found before training rather than when a batch reaches it. Raises
+        FileNotFoundError / ValueError naming the first `show` bad files and how many there are."""
+        problems, missing = [], 0
+        for index, entry in enumerate(self.entries):
+            for rel in entry["image_path"][: self.max_images]:
+                path = self.image_dir / rel
+                where = f"study {entry['id']!r} ({self.split}[{index}]): {path}"
+                if not path.is_file():
+                    problems.append(f"{where}: not found")
+                    missing += 1
+                    continue
+                try:
+                    with Image.open(path) as img:
+                        mode = img.mode
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    problems.append(f"{where}: not a readable image ({e})")
+                    continue
+                if mode not in _EIGHT_BIT_MODES + _SIXTEEN_BIT_MODES:
+                    problems.append(f"{where}: unsupported image mode {mode!r}")
+        if problems:
+            more = f"; ... and {len(problems) - show} more" if len(problems) > show else ""
+            error = FileNotFoundError if missing == len(problems) else ValueError
+            raise error(f"{len(problems)} bad image(s) in split {self.split!r}: " + "; ".join(problems[:show]) + more)
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]

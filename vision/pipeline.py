@@ -3,36 +3,56 @@ and the evaluation loop (generation + metrics).
 
     model = build_model(spec, "cpu", "fp32")      # spec: LM / encoder / tokenizer locations + ReportConfig dict
     results = train(spec, TrainConfig(epochs=5), annotation, "DATA/images", Path("runs/x"), "cuda")
+    model, run = load_run(Path("runs/x/best"), "cuda")
     scores = evaluate(model, loader, "cuda")["scores"]
 
 A spec is a JSON-ready dict ({"lm", "lm_preset", "encoder", "encoder_preset", "tokenizer", "seed", "report",
 "dataset", "precision"}); every run checkpoint stores it, so evaluation rebuilds the model from the checkpoint
 alone and loads only the trained tensors on top.
+
+A run checkpoint (`runs/x/last`, `runs/x/best`) is a directory that cannot carry code, read without unpickling:
+  model.safetensors      the trained tensors only (projector, LayerNorm, adapters or the fine-tuned LM)
+  optimizer.safetensors  resume state (last only): AdamW `exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME` per
+                         trained parameter, and the RNG states `rng/cpu`, `rng/cuda:I`
+  state.json             {"format": "report-run", "version", "spec", "epoch", "step", "results", "optimizer":
+                         AdamW param-group hyperparameters with parameter names, "scheduler": LambdaLR counters}
+  tokenizer/             a copy of the run's tokenizer files, so the run directory can move
+It is written atomically (stablelm.checkpoint.atomic_dir: a temporary directory renamed into place, removed on
+failure or a signal). Paths in the spec are absolute, `~` expanded.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import stablelm
+from stablelm.checkpoint import atomic_dir, copy_tokenizer_files
+from stablelm.convert import CheckpointError, read_json, read_tensor_file
 from stablelm.lora import make_optimizer
 from stablelm.tokenizer import Tokenizer
 
 from .data import ReportDataset, collate_reports
-from .metrics import compute_scores, meteor_backend, weighted_score
+from .metrics import METRICS, compute_scores, meteor_backend, weighted_score
 from .report_model import ReportConfig, ReportModel
 from .swin import SwinEncoder, swin_base_224, swin_tiny_test
 from .swin_checkpoint import load_converted, load_hf_swin
 
 ENCODER_PRESETS = {"swin-base": swin_base_224, "tiny": swin_tiny_test}
 PRECISIONS = ("fp32", "bf16")
+RUN_FORMAT = "report-run"
+RUN_VERSION = 1
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TOKENIZER_DIR = ("model.safetensors", "optimizer.safetensors",
+                                                         "state.json", "tokenizer")
+ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
 
 
 @dataclass
@@ -49,6 +69,25 @@ class TrainConfig:
         "help": "R2Gen-style random crop for training images (R2GenGPT trains without augmentation)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the shuffles"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.workers < 0:
+            bad("workers", "must be >= 0")
+        if self.val_limit is not None and self.val_limit < 1:
+            bad("val_limit", "must be >= 1 (or unset for the whole split)")
+        if not self.lr > 0 or self.weight_decay < 0:
+            bad("lr" if not self.lr > 0 else "weight_decay", "must be > 0 (lr) / >= 0 (weight_decay)")
+        if not self.score_weights:
+            bad("score_weights", f"name at least one metric of {list(METRICS)}")
+        unknown = sorted(set(self.score_weights) - set(METRICS))
+        if unknown:
+            bad("score_weights", f"unknown metric(s) {unknown}; valid names: {list(METRICS)}")
 
 
 # ---------------------------------------------------------------------------- building
@@ -70,16 +109,25 @@ def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> Path:
     return out_dir
 
 
+def resolve_path(path: str | Path | None) -> str | None:
+    """`~` expanded, absolute: what a spec stores, so a run works from any directory."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def build_model(spec: dict, device, precision: str) -> ReportModel:
     """Rebuild a ReportModel from a spec (also stored in every checkpoint)."""
     if spec.get("lm"):
-        lm = stablelm.load(spec["lm"], device=device)
+        lm = stablelm.load(Path(spec["lm"]).expanduser(), device=device)
+    elif spec["lm_preset"] not in stablelm.PRESETS:
+        raise ValueError(f"lm_preset={spec['lm_preset']!r}: choose one of {sorted(stablelm.PRESETS)}")
     else:
         lm = stablelm.StableLM.random(stablelm.preset(spec["lm_preset"]), seed=spec.get("seed", 0), device=device)
     enc_path = spec.get("encoder")
     if enc_path:
-        encoder = load_converted(enc_path) if (Path(enc_path) / "encoder.safetensors").exists() else \
-            load_hf_swin(enc_path)
+        enc_path = Path(enc_path).expanduser()
+        encoder = load_converted(enc_path) if (enc_path / "encoder.safetensors").exists() else load_hf_swin(enc_path)
+    elif spec["encoder_preset"] not in ENCODER_PRESETS:
+        raise ValueError(f"encoder_preset={spec['encoder_preset']!r}: choose one of {sorted(ENCODER_PRESETS)}")
     else:
         torch.manual_seed(spec.get("seed", 0))
         encoder = SwinEncoder(ENCODER_PRESETS[spec["encoder_preset"]]())
@@ -88,7 +136,7 @@ def build_model(spec: dict, device, precision: str) -> ReportModel:
         # Frozen weights in bf16; whatever trains (projector, adapters) keeps float32 master weights.
         lm.to(torch.bfloat16)
         encoder.to(torch.bfloat16)
-    tokenizer = Tokenizer.from_dir(spec["tokenizer"] or spec["lm"])
+    tokenizer = Tokenizer.from_dir(tokenizer_source(spec))
     if tokenizer.vocab_size > lm.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the LM only {lm.config.vocab_size}")
     model = ReportModel(encoder, lm, tokenizer, ReportConfig.from_dict(spec["report"])).to(device)
@@ -98,25 +146,221 @@ def build_model(spec: dict, device, precision: str) -> ReportModel:
     return model
 
 
+def tokenizer_source(spec: dict) -> Path:
+    """The directory the spec's tokenizer is read from: its own, else the LM's."""
+    source = spec.get("tokenizer") or spec.get("lm")
+    if not source:
+        raise ValueError("the spec names neither a tokenizer nor an LM directory to read one from")
+    return Path(source).expanduser()
+
+
 # ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: ReportModel, optimizer, scheduler, epoch: int, step: int, spec: dict,
-                    extra: dict | None = None) -> None:
-    state = {"trained": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-             "step": step, "spec": spec, "rng": torch.get_rng_state(), **(extra or {})}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+class ValidationFailed(RuntimeError):
+    """Validation raised after an epoch; that epoch's `last` checkpoint was written before it ran."""
 
 
-def load_trained(model: ReportModel, state: dict) -> None:
-    """Put a checkpoint's trained tensors into the model; names must match exactly."""
-    expected = set(model.trainable_state_dict())
-    got = set(state["trained"])
-    if expected != got:
-        raise ValueError(f"checkpoint does not fit this model: missing {sorted(expected - got)[:5]}, "
-                         f"unexpected {sorted(got - expected)[:5]}")
-    model.load_state_dict(state["trained"], strict=False)
+@dataclass
+class RunCheckpoint:
+    """What load_run_checkpoint read. `optimizer` / `scheduler` are state dicts ready for load_state_dict (None in a
+    checkpoint written without them, e.g. `best`); `spec["tokenizer"]` points at the checkpoint's own copy."""
+    directory: Path
+    spec: dict
+    epoch: int
+    step: int
+    results: dict | None
+    trained: dict[str, torch.Tensor]
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _trained_names(model: ReportModel) -> list[str]:
+    # The order make_optimizer hands parameters to AdamW, i.e. the optimizer's parameter indices.
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_run_checkpoint(directory: Path, model: ReportModel, spec: dict, epoch: int, step: int,
+                        results: dict | None = None, optimizer=None, scheduler=None) -> None:
+    """Write a run checkpoint directory (layout in the module docstring) atomically, replacing an earlier one.
+    With `optimizer` and `scheduler` it also holds what resuming needs (optimizer state and RNG states)."""
+    directory = Path(directory).expanduser()
+    state = {"format": RUN_FORMAT, "version": RUN_VERSION, "spec": spec, "epoch": epoch, "step": step,
+             "results": results, "optimizer": None, "scheduler": None}
+    trained = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    resume = {}
+    if optimizer is not None:
+        names = _trained_names(model)
+        sd = optimizer.state_dict()
+        for index, values in sd["state"].items():
+            for key in ADAMW_STATE:
+                value = values[key]
+                resume[f"{key}/{names[index]}"] = (value if torch.is_tensor(value)
+                                                   else torch.tensor(float(value))).detach().cpu().contiguous()
+        state["optimizer"] = {"param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                                "params": [names[i] for i in g["params"]]}
+                                               for g in sd["param_groups"]]}
+        state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        resume["rng/cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+                resume[f"rng/cuda:{i}"] = rng
+    with atomic_dir(directory, overwrite=True) as tmp:
+        save_file(trained, str(tmp / MODEL_FILE), metadata={"format": RUN_FORMAT})
+        if resume:
+            save_file(resume, str(tmp / OPTIMIZER_FILE), metadata={"format": RUN_FORMAT})
+        (tmp / TOKENIZER_DIR).mkdir()
+        if not copy_tokenizer_files(tokenizer_source(spec), tmp / TOKENIZER_DIR):
+            raise FileNotFoundError(f"{tokenizer_source(spec)}: no tokenizer files to copy into the checkpoint")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_run_checkpoint(directory: str | Path) -> RunCheckpoint:
+    """Read a run checkpoint written by save_run_checkpoint. Only JSON and safetensors are parsed (nothing is
+    unpickled); anything else, a truncated file or a foreign one is a CheckpointError naming the file."""
+    directory = Path(directory).expanduser()
+    if not directory.exists():
+        raise FileNotFoundError(f"run checkpoint not found: {directory}")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a run checkpoint directory (expected {STATE_FILE}, {MODEL_FILE} "
+                              f"and {TOKENIZER_DIR}/ in a directory such as runs/x/last); files of other formats, "
+                              f"pickles included, are never loaded")
+    for name in (STATE_FILE, MODEL_FILE, TOKENIZER_DIR):
+        if not (directory / name).exists():
+            raise CheckpointError(f"{directory}: no {name}; not a run checkpoint written by vision.train")
+    state = read_json(directory / STATE_FILE)
+    if state.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{directory / STATE_FILE}: format {state.get('format')!r}, not {RUN_FORMAT!r}")
+    if state.get("version") != RUN_VERSION:
+        raise CheckpointError(f"{directory / STATE_FILE}: version {state.get('version')!r} unsupported (expected "
+                              f"{RUN_VERSION})")
+    for key, kinds in (("spec", dict), ("epoch", int), ("step", int), ("results", (dict, type(None))),
+                       ("optimizer", (dict, type(None))), ("scheduler", (dict, type(None)))):
+        if not isinstance(state.get(key), kinds):
+            raise CheckpointError(f"{directory / STATE_FILE}: {key!r} has the wrong type "
+                                  f"({type(state.get(key)).__name__})")
+    spec = {**state["spec"], "tokenizer": str(directory / TOKENIZER_DIR)}
+    run = RunCheckpoint(directory, spec, state["epoch"], state["step"], state.get("results"),
+                        read_tensor_file(directory / MODEL_FILE))
+    if state.get("optimizer") is not None:
+        if not (directory / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(f"{directory}: {STATE_FILE} has optimizer settings but {OPTIMIZER_FILE} is missing")
+        resume = read_tensor_file(directory / OPTIMIZER_FILE)
+        run.optimizer = _optimizer_state(state["optimizer"], resume, directory / OPTIMIZER_FILE)
+        run.scheduler = state.get("scheduler")
+        run.rng = {k.removeprefix("rng/"): v for k, v in resume.items() if k.startswith("rng/")}
+    return run
+
+
+def _optimizer_state(saved: dict, tensors: dict, path: Path) -> dict:
+    """A torch optimizer state dict (parameters still by name; restore_training maps them to indices)."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise CheckpointError(f"{path.parent / STATE_FILE}: optimizer.param_groups must list groups with 'params'")
+    state = {}
+    for group in groups:
+        for name in group["params"]:
+            missing = [k for k in ADAMW_STATE if f"{k}/{name}" not in tensors]
+            if len(missing) == len(ADAMW_STATE):
+                continue  # never stepped (no gradient yet): AdamW has no state for it either
+            if missing:
+                raise CheckpointError(f"{path}: {name} lacks {missing}")
+            state[name] = {k: tensors[f"{k}/{name}"] for k in ADAMW_STATE}
+    return {"state": state, "param_groups": groups}
+
+
+def load_trained(model: ReportModel, trained: dict) -> None:
+    """Put a checkpoint's trained tensors into the model; names and shapes must match exactly."""
+    expected = {k: v.shape for k, v in model.trainable_state_dict().items()}
+    missing, extra = sorted(set(expected) - set(trained)), sorted(set(trained) - set(expected))
+    wrong = [f"{k}: {tuple(trained[k].shape)} != {tuple(expected[k])}" for k in sorted(set(expected) & set(trained))
+             if trained[k].shape != expected[k]]
+    if missing or extra or wrong:
+        raise CheckpointError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}, "
+                              f"wrong shapes {wrong[:5]}")
+    model.load_state_dict(trained, strict=False)
+
+
+def require_resume_state(run: RunCheckpoint) -> None:
+    if run.optimizer is None:
+        raise CheckpointError(f"{run.directory}: holds no optimizer state (resume from a run's `last` checkpoint)")
+
+
+def restore_training(run: RunCheckpoint, model: ReportModel, optimizer, scheduler) -> None:
+    """Continue where `run` stopped: trained tensors, AdamW state and hyperparameters, schedule, RNG states."""
+    require_resume_state(run)
+    load_trained(model, run.trained)
+    names = _trained_names(model)
+    index = {n: i for i, n in enumerate(names)}
+    current = optimizer.state_dict()
+    groups = run.optimizer["param_groups"]
+    if len(groups) != len(current["param_groups"]) or any(sorted(g["params"]) != sorted(names[i] for i in c["params"])
+                                                         for g, c in zip(groups, current["param_groups"])):
+        raise CheckpointError(f"{run.directory}: the optimizer's parameter groups do not fit this model")
+    param_groups = []
+    for g, c in zip(groups, current["param_groups"]):
+        # Only the hyperparameters this optimizer has, each of the type it has (JSON turned tuples into lists).
+        group = {}
+        for key, now in c.items():
+            value = g.get(key, now)
+            value = tuple(value) if isinstance(now, tuple) and isinstance(value, list) else value
+            if key != "params" and type(value) is not type(now) and not (type(now) is float and type(value) is int):
+                raise CheckpointError(f"{run.directory / STATE_FILE}: optimizer setting {key}={value!r} is not "
+                                      f"a {type(now).__name__}")
+            group[key] = value
+        param_groups.append({**group, "params": [index[n] for n in g["params"]]})
+    params = dict(model.named_parameters())
+    for name, values in run.optimizer["state"].items():
+        if name not in index:
+            raise CheckpointError(f"{run.directory / OPTIMIZER_FILE}: state for {name}, which this model does not "
+                                  f"train")
+        for key in ("exp_avg", "exp_avg_sq"):
+            if values[key].shape != params[name].shape:
+                raise CheckpointError(f"{run.directory / OPTIMIZER_FILE}: {key}/{name} has shape "
+                                      f"{tuple(values[key].shape)}, the parameter {tuple(params[name].shape)}")
+    # load_state_dict moves and casts the moments to each parameter's device and dtype.
+    state = {index[n]: values for n, values in run.optimizer["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    # Only the counters this scheduler has, of the types it has: the JSON may not set anything else on it.
+    current_schedule = scheduler.state_dict()
+    scheduler.load_state_dict({**current_schedule, **{
+        k: v for k, v in (run.scheduler or {}).items()
+        if k in current_schedule and k != "lr_lambdas" and type(v) is type(current_schedule[k])}})
+    if "cpu" in run.rng:
+        torch.set_rng_state(run.rng["cpu"])
+    for name, rng in run.rng.items():
+        if name.startswith("cuda:") and torch.cuda.is_available() and int(name[5:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(rng, int(name[5:]))
+
+
+def load_run(directory: str | Path, device, precision: str | None = None) -> tuple[ReportModel, RunCheckpoint]:
+    """The model of a run checkpoint (rebuilt from its spec, trained tensors loaded) and what was read.
+    precision: default the run's on CUDA, fp32 elsewhere."""
+    run = load_run_checkpoint(directory)
+    device = torch.device(device)
+    if precision is None:
+        precision = run.spec.get("precision", "fp32") if device.type == "cuda" else "fp32"
+    model = build_model(run.spec, device, precision)
+    load_trained(model, run.trained)
+    return model, run
+
+
+def update_run_results(directory: Path, results: dict) -> None:
+    """Replace the results a run checkpoint's state.json holds (validation finished after it was written)."""
+    state = read_json(directory / STATE_FILE)
+    # The temporary goes outside the checkpoint, which must hold only what atomic_dir recorded writing.
+    write_json(directory / STATE_FILE, {**state, "results": results}, tmp_dir=directory.parent)
+
+
+def write_json(path: Path, value, tmp_dir: Path | None = None) -> None:
+    """Write `value` as JSON through a temporary (in tmp_dir, default beside `path`) renamed over `path`, so
+    readers never see half a file."""
+    tmp = (tmp_dir or path.parent) / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(value, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -137,32 +381,50 @@ def evaluate(model: ReportModel, loader, device, limit: int | None = None, desc=
 
 
 # ---------------------------------------------------------------------------- training
+def check_run_inputs(spec: dict, config: TrainConfig, datasets: list[ReportDataset]) -> None:
+    """What can be checked before the first step, so a bad input costs seconds rather than an epoch: the spec's
+    paths and report / decoding config, and the header of every image the run will read."""
+    ReportConfig.from_dict(spec["report"])
+    for key in ("lm", "encoder", "tokenizer"):
+        if spec.get(key) and not Path(spec[key]).expanduser().is_dir():
+            raise FileNotFoundError(f"--{key} {spec[key]}: no such directory")
+    if spec.get("precision") not in PRECISIONS:
+        raise ValueError(f"precision={spec.get('precision')!r}: choose one of {PRECISIONS}")
+    for dataset in datasets:
+        dataset.check_images()
+
+
 def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Path, device,
           resume: str | Path | None = None) -> dict:
-    """Train, validating after every epoch: `last.pt` every epoch, `best.pt` when the weighted validation score
-    improves, OUT/results.json. `resume` continues from a last.pt."""
-    torch.manual_seed(config.seed)
+    """Train, validating after every epoch. Each epoch writes OUT/last (before validation, so a failing
+    validation loses no training), OUT/best when the weighted validation score improves, and OUT/results.json.
+    `resume` continues from a `last` checkpoint. Every input is checked before the first step."""
+    out = Path(out).expanduser()
     device = torch.device(device)
-    model = build_model(spec, device, spec["precision"])
     train_set = ReportDataset(annotation, image_dir, "train", dataset=spec["dataset"], train=config.augment)
     val_set = ReportDataset(annotation, image_dir, "val", dataset=spec["dataset"], train=False)
+    check_run_inputs(spec, config, [train_set, val_set])
+    run = load_run_checkpoint(resume) if resume else None
+    if run is not None:
+        require_resume_state(run)
+    torch.manual_seed(config.seed)
+    model = build_model(spec, device, spec["precision"])
     gen = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=gen,
                               collate_fn=collate_reports, num_workers=config.workers, drop_last=False)
+    # Its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG that
+    # dropout uses, or validation after an epoch would make a resumed run (saved before validation) diverge.
     val_loader = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate_reports,
-                            num_workers=config.workers)
+                            num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed))
     optimizer, scheduler = make_optimizer(model, config.lr, config.weight_decay, config.epochs * len(train_loader))
     results = {"spec": spec, "train": dataclasses.asdict(config), "meteor": meteor_backend(), "epochs": [],
                "best": None}
     start_epoch, step = 0, 0
-    if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        load_trained(model, state)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        results = state.get("results", results)
+    if run is not None:
+        restore_training(run, model, optimizer, scheduler)
+        start_epoch, step = run.epoch + 1, run.step
+        results = run.results or results
+    out.mkdir(parents=True, exist_ok=True)
 
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {n_trained:,} of {sum(p.numel() for p in model.parameters()):,}")
@@ -182,17 +444,24 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
             step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        elapsed = time.perf_counter() - t0
-        val = evaluate(model, val_loader, device, config.val_limit, desc="validate")
-        score = weighted_score(val["scores"], config.score_weights)
         record = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(len(losses), 1),
-                  "epoch_seconds": elapsed, "val": val["scores"], "val_score": score,
-                  "val_samples": val["samples"][:3]}
+                  "epoch_seconds": time.perf_counter() - t0}
         results["epochs"].append(record)
+        save_run_checkpoint(out / "last", model, spec, epoch, step, results, optimizer, scheduler)
+        try:
+            val = evaluate(model, val_loader, device, config.val_limit, desc="validate")
+        except Exception as e:
+            record["val_error"] = f"{type(e).__name__}: {e}"
+            write_json(out / "results.json", results)
+            raise ValidationFailed(f"validation after epoch {epoch + 1} failed ({type(e).__name__}: {e}); the "
+                                   f"epoch's training is saved in {out / 'last'}: continue with --resume "
+                                   f"{out / 'last'}") from e
+        score = weighted_score(val["scores"], config.score_weights)
+        record.update(val=val["scores"], val_score=score, val_samples=val["samples"][:3])
         print(json.dumps({k: v for k, v in record.items() if k != "val_samples"}))
         if results["best"] is None or score > results["best"]["val_score"]:
             results["best"] = {"epoch": epoch, "val_score": score, "val": val["scores"]}
-            save_checkpoint(out / "best.pt", model, optimizer, scheduler, epoch, step, spec, {"results": results})
-        save_checkpoint(out / "last.pt", model, optimizer, scheduler, epoch, step, spec, {"results": results})
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+            save_run_checkpoint(out / "best", model, spec, epoch, step, results)
+        update_run_results(out / "last", results)  # so a resumed run knows this epoch's score and the best
+        write_json(out / "results.json", results)
     return results

@@ -28,8 +28,11 @@ LM_MODES = ("frozen", "lora", "full")
 # fused: one adapter per fused projection (qkv, o, gate_up, down: 4 per layer); peft: one on each of q/k/v/o/gate/
 # up/down (7 per layer, peft's layout and parameter count), computed through the fused projections (stablelm/lora.py).
 LORA_LAYOUTS = ("fused", "peft")
-# GenerationConfig fields ReportModel.generate sets itself (both to the tokenizer's end id).
-GENERATION_SET_BY_MODEL = ("stop_ids", "pad_id")
+# GenerationConfig fields ReportModel.generate sets itself: stop and pad ids (the tokenizer's end id), and one
+# plain tensor of ids per study back from stablelm.generate, which it decodes into one report each.
+GENERATION_OUTPUT = {"num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
+                     "output_logits": False}
+GENERATION_SET_BY_MODEL = ("stop_ids", "pad_id", *GENERATION_OUTPUT)
 
 
 def report_generation() -> GenerationConfig:
@@ -199,7 +202,10 @@ class ReportModel(nn.Module):
     def generate(self, images, image_mask=None, **overrides) -> list[str]:
         """Reports for a batch of studies (config.generation, beam search by default; overrides change its
         fields)."""
-        kw = {"stop_ids": [self.end_id], "pad_id": self.end_id, **overrides}
+        changed = sorted(k for k, v in GENERATION_OUTPUT.items() if overrides.get(k, v) != v)
+        if changed:
+            raise ValueError(f"ReportModel.generate returns one report per study: {changed} cannot be changed")
+        kw = {"stop_ids": [self.end_id], "pad_id": self.end_id, **overrides, **GENERATION_OUTPUT}
         embeds = self.prompt_embeds(self.encode_images(images, image_mask)).to(self.lm.embed.weight.dtype)
         out = generate(self.lm, input_embeds=embeds, config=self.config.generation, **kw)
         texts = []
