@@ -1,21 +1,38 @@
 """Training-step benchmark of the report model: ours against transformers + peft, same shapes, same weights.
 
-    python -m bench.report_train [--batch-size 8] [--steps 10] [--out bench/results/report_train_h200.json]
-    python -m bench.report_train --tiny        # tiny LM + tiny Swin on the CPU in fp32 (smoke run)
+    python -m bench.report_train [--batch-size 8] [--steps 50] [--rows a,b] [--out bench/results/report_train_h200.json]
+    python -m bench.report_train --tiny        # tiny LM + tiny Swin on the CPU in fp32 (smoke run, seconds)
 
-Ours: vision.pipeline.build_model with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder
-(bf16), LoRA on the LM (r 16, alpha 16, dropout 0.1), frozen encoder, projector trained in float32, the default
-`stablelm.ops` (Triton on CUDA). Transformers: the same ReportModel prompt wrap, labels and loss around
-transformers' StableLmForCausalLM (sdpa, our LM weights projected with project_to_hf) and SwinModel, LoRA via
-peft (vision.lora.apply_lora on the same layers where peft is missing). The Swin weights are identical too:
-transformers' random SwinModel init is converted into our encoder (vision.swin_checkpoint.convert_hf_state_dict),
-and our projector is copied into theirs, so the step-0 losses (eval mode, no dropout) should agree to bf16 rounding.
+Ours: vision.pipeline's ReportModel with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder
+(bf16), frozen encoder, projector trained in float32, the default `stablelm.ops` (Triton on CUDA). Transformers: the
+same ReportModel prompt wrap, labels and loss around transformers' StableLmForCausalLM (sdpa, our LM weights
+projected with project_to_hf) and SwinModel, LoRA via peft (vision.lora.apply_lora on the same layers where peft is
+missing). The Swin weights are identical too: transformers' random SwinModel init is converted into our encoder
+(vision.swin_checkpoint.convert_hf_state_dict), and our projector is copied into theirs, so the step-0 losses (eval
+mode, no dropout) agree to bf16 rounding.
+
+Rows (--rows, comma separated; default all), each with its peer (speedup = peer step time / the row's):
+  stablelm-lora-peft       LoRA r 16 / alpha 16 / dropout 0.1 on q/k/v/o/gate/up/down (peft's layout and
+                           count), computed through the fused qkv / gate_up (stablelm/lora.py separate=True);
+                           peer transformers-lora
+  stablelm-lora-fused      one adapter per fused qkv / o / gate_up / down (4 per layer); peer transformers-lora
+  stablelm-lora-peft-ckpt  the peft layout with gradient checkpointing; peer transformers-lora-ckpt
+  stablelm-full            full fine-tuning of the LM (AdamW, float32 master weights, as ReportModel keeps every
+                           trained tensor); peer transformers-full
+  stablelm-qlora-int8/int4/nf4  the peft layout over a frozen int8 / int4 (group 128) / nf4 (block 64) LM; peer
+                           transformers-lora, and reported against stablelm-lora-peft (step-time ratio, loss
+                           after the steps)
+  transformers-lora, transformers-lora-ckpt, transformers-full   the peers (peft on the seven projections)
 
 One step = forward (loss) + backward + AdamW step + zero_grad on B studies of 2 random 224x224 images and
-synthetic reports of ~60 words (max_length 100 report tokens). Each implementation runs in its own phase (the
-other's model freed first): median step time over --steps after 3 warm-up steps, tokens/s counting every
-position of the padded sequence (prompt + visual + report), peak VRAM since the phase began (weights, adapters,
-optimizer state, activations), trainable parameters. speedup = transformers step time / the row's step time.
+synthetic reports of ~60 words (max_length 100 report tokens); the same batch every step. Each row runs in its own
+phase (the previous model freed first). Per row: step times of --steps steps after 3 warm-up steps (CUDA events
+around each step; CPU: perf_counter): median, p10, p90; tokens/s counting every position of the padded sequence;
+GPU-busy time: the summed durations of the device kernels (and copies) of 5 further steps under torch.profiler,
+per step, over the median step time (a launch-bound step shows a low fraction); peak VRAM since the phase began,
+against the budget the issue names: resident weights (quantized where they are) + trained-tensor state (float32
+weight, gradient and two AdamW moments: 16 bytes per trained parameter) + activations (memory held by the graph
+after a forward, measured); trainable parameters; the loss at step 0 (eval mode) and after the timed steps.
 """
 from __future__ import annotations
 
@@ -25,20 +42,23 @@ import gc
 import importlib.util
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.common import bench_device, environment, markdown_table, time_cuda, write_json
+from bench.common import bench_device, environment, markdown_table, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
 from stablelm.lora import make_optimizer
+from stablelm.quantize import quantize_model
 from stablelm.tokenizer import Tokenizer
 from vision.lora import apply_lora
-from vision.pipeline import ENCODER_PRESETS, build_model, build_tokenizer
+from vision.pipeline import ENCODER_PRESETS, build_tokenizer
 from vision.report_model import ReportConfig, ReportModel
+from vision.swin import SwinEncoder
 from vision.swin_checkpoint import convert_hf_state_dict
 from vision.synthetic import sample_findings, write_report
 
@@ -47,8 +67,26 @@ REPORT_WORDS = 60
 WARMUP = 3
 TOKENIZER_VOCAB = 1024  # a BPE on the synthetic reports saturates well below this
 HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COLUMNS = ["impl", "batch", "step_ms", "tokens_per_s", "peak_vram_gib", "trainable_params", "speedup",
-           "loss_step0"]
+PROFILED_STEPS = 5
+COLUMNS = ["impl", "batch", "step_ms", "p10_ms", "p90_ms", "gpu_busy", "kernels_per_step", "tokens_per_s",
+           "peak_vram_gib", "peak_vs_budget", "trainable_params", "speedup", "loss_step0", "loss_last"]
+# name -> (side, settings). quant: (bits, group on the GPU, group for --tiny (its 352 intermediate), format).
+ROWS = {
+    "stablelm-lora-peft": ("ours", dict(lm_mode="lora", lora_layout="peft")),
+    "stablelm-lora-fused": ("ours", dict(lm_mode="lora", lora_layout="fused")),
+    "stablelm-lora-peft-ckpt": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True)),
+    "stablelm-full": ("ours", dict(lm_mode="full")),
+    "stablelm-qlora-int8": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(8, 128, 128, "int"))),
+    "stablelm-qlora-int4": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(4, 128, 32, "int"))),
+    "stablelm-qlora-nf4": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(4, 64, 32, "nf4"))),
+    "transformers-lora": ("hf", dict(lm_mode="lora")),
+    "transformers-lora-ckpt": ("hf", dict(lm_mode="lora", gradient_checkpointing=True)),
+    "transformers-full": ("hf", dict(lm_mode="full")),
+}
+PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-fused": "transformers-lora",
+         "stablelm-lora-peft-ckpt": "transformers-lora-ckpt", "stablelm-full": "transformers-full",
+         "stablelm-qlora-int8": "transformers-lora", "stablelm-qlora-int4": "transformers-lora",
+         "stablelm-qlora-nf4": "transformers-lora"}
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -99,6 +137,11 @@ class HFLanguageModel(nn.Module):
     def forward(self, input_embeds, attention_mask=None):
         return self.hf(inputs_embeds=input_embeds, attention_mask=attention_mask, use_cache=False).logits
 
+    def loss(self, input_embeds, attention_mask=None, labels=None):
+        """transformers' own causal-LM loss (full logits, float32 cross-entropy, labels shifted inside)."""
+        return self.hf(inputs_embeds=input_embeds, attention_mask=attention_mask, labels=labels,
+                       use_cache=False).loss
+
 
 def random_hf_swin_state(encoder_config, seed: int) -> dict:
     """A randomly initialised transformers SwinModel's float32 state dict (on the CPU)."""
@@ -115,15 +158,40 @@ def lm_base_weights(lm: StableLM) -> dict:
             if not k.rpartition(".")[2].startswith("lora_")}
 
 
+def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, settings: dict, seed: int, swin_state,
+               tiny: bool, device, dtype) -> ReportModel:
+    """Our ReportModel for one row: the random LM of `seed` (the same weights every row), quantized in place for the
+    QLoRA rows before the adapters go on, and the converted transformers Swin."""
+    lm = StableLM.random(lm_config, seed=seed, device=device, dtype=dtype)
+    quant = settings.get("quant")
+    if quant:
+        bits, group, tiny_group, fmt = quant
+        quantize_model(lm, bits, tiny_group if tiny else group, fmt=fmt)
+    encoder = SwinEncoder(encoder_config).to(device)
+    encoder.load_state_dict(convert_hf_state_dict(swin_state, encoder_config))
+    encoder.to(dtype)
+    config = dataclasses.replace(report, **{k: v for k, v in settings.items() if k != "quant"})
+    torch.manual_seed(seed)  # the projector's (and adapters') initialisation: the same in every row
+    model = ReportModel(encoder, lm, tokenizer, config).to(device)
+    for p in model.parameters():  # float32 master weights for whatever trains, as vision.pipeline.build_model
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
 def build_transformers(lm_weights: dict, lm_config, swin_state: dict, encoder_config, projector: dict, tokenizer,
-                       report: ReportConfig, lora_backend: str, device, dtype) -> tuple[ReportModel, str]:
+                       report: ReportConfig, lora_backend: str, device, dtype,
+                       settings=None) -> tuple[ReportModel, str]:
     """ReportModel around transformers' StableLM and Swin holding the given weights, LoRA on the seven
-    projections of every layer. Returns (model, implementation label)."""
+    projections of every layer (settings lm_mode "full": every LM weight trains instead, float32 as ours;
+    gradient_checkpointing: transformers' own, non-reentrant). Returns (model, LoRA backend label)."""
+    settings = settings or {"lm_mode": "lora"}
     from transformers import SwinConfig, SwinModel
     with torch.device("meta"):
         plain = StableLM(lm_config)
-    plain.load_state_dict(lm_weights, assign=True)
+    plain.load_state_dict({k: v.to(device) for k, v in lm_weights.items()}, assign=True)
     hf_lm = build_hf(plain, "sdpa")
+    del plain
     with torch.device(device):
         swin = SwinModel(SwinConfig(**encoder_config.to_dict())).to(dtype)
     swin.load_state_dict(swin_state)
@@ -132,6 +200,13 @@ def build_transformers(lm_weights: dict, lm_config, swin_state: dict, encoder_co
     model = ReportModel(HFSwinEncoder(swin), HFLanguageModel(hf_lm), tokenizer, frozen).to(device)
     model.proj.load_state_dict(projector["proj"])
     model.proj_norm.load_state_dict(projector["proj_norm"])
+    if settings.get("gradient_checkpointing"):
+        hf_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings["lm_mode"] == "full":
+        for p in hf_lm.parameters():
+            p.requires_grad_(True)
+            p.data = p.data.float()
+        return model, "full"
     if lora_backend == "auto":  # peft is installed on the GPU machine, not necessarily elsewhere
         lora_backend = "peft" if importlib.util.find_spec("peft") else "vision.lora"
     if lora_backend == "peft":
@@ -141,7 +216,7 @@ def build_transformers(lm_weights: dict, lm_config, swin_state: dict, encoder_co
         model.lm.hf = get_peft_model(hf_lm, config)  # float32 adapters on the bf16 base (peft's default)
     else:
         apply_lora(hf_lm, dict.fromkeys(HF_LORA_TARGETS), report.lora_r, report.lora_alpha, report.lora_dropout)
-    return model, f"transformers+{lora_backend}"
+    return model, lora_backend
 
 
 def adapter_shapes(model: ReportModel) -> str:
@@ -170,8 +245,71 @@ def sequence_length(model: ReportModel, images, reports) -> int:
         return model.training_inputs(images[:1], reports[:1])[0].shape[1]
 
 
+def _sync(cuda):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def step_times(step, steps: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of `steps` calls (CUDA events around each, read after the last; CPU: perf_counter)."""
+    if not cuda:
+        out = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def gpu_busy_ms(step, steps: int, cuda: bool):
+    """(summed device-side kernel / copy durations per step in ms, device events per step) of `steps` steps under
+    torch.profiler; (None, None) on the CPU or when the profiler reports no device events."""
+    if not cuda:
+        return None, None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not device_events:
+        return None, None
+    busy_us = sum(e.time_range.elapsed_us() for e in device_events)
+    return busy_us / steps / 1e3, len(device_events) / steps
+
+
+def resident_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def activation_bytes(model, images, reports, cuda: bool):
+    """Memory the autograd graph holds after one forward (freed again by the backward)."""
+    if not cuda:
+        return None
+    _sync(cuda)
+    before = torch.cuda.memory_allocated()
+    loss = model(images, reports)
+    _sync(cuda)
+    held = torch.cuda.memory_allocated() - before
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return held
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values), q))
+
+
 def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bool) -> dict:
-    """One implementation's row; the peak VRAM counts from here (its weights are already resident)."""
+    """One row; the peak VRAM counts from here (its weights are already resident)."""
     seq = sequence_length(model, images, reports)
     if cuda:
         gc.collect()
@@ -181,17 +319,36 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
     with torch.no_grad():
         loss0 = model(images, reports).item()
     model.train()
-    optimizer, _ = make_optimizer(model, lr=1e-4, weight_decay=0.05, total_steps=WARMUP + steps)
+    optimizer, _ = make_optimizer(model, lr=1e-4, weight_decay=0.05, total_steps=WARMUP + steps + PROFILED_STEPS)
     not_fp32 = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     if not_fp32:
         raise RuntimeError(f"{impl}: trained tensors without float32 master weights: {not_fp32[:5]}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     last = {}
-    ms = time_cuda(lambda: train_step(model, optimizer, images, reports, last), warmup=WARMUP, iters=steps)
+
+    def step():
+        train_step(model, optimizer, images, reports, last)
+
+    for _ in range(WARMUP if cuda else 1):  # --tiny: one warm-up step keeps the smoke run short
+        step()
+    _sync(cuda)
+    times = step_times(step, steps, cuda)
+    loss_last = last["loss"].item()
+    busy_ms, kernels = gpu_busy_ms(step, PROFILED_STEPS, cuda)
+    acts = activation_bytes(model, images, reports, cuda)
+    ms = percentile(times, 50)
+    weights = resident_bytes(model) - 4 * trained  # the trained tensors are counted in their state below
+    budget = None if acts is None else weights + 16 * trained + acts
+    peak = torch.cuda.max_memory_allocated() if cuda else None
     batch = images.shape[0]
-    row = dict(impl=impl, batch=batch, seq_len=seq, step_ms=ms, tokens_per_s=batch * seq * 1e3 / ms,
-               peak_vram_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-               loss_step0=loss0, loss_last=last["loss"].item(), adapters_layer0=adapter_shapes(model))
+    row = dict(impl=impl, batch=batch, seq_len=seq, steps=steps, step_ms=ms, p10_ms=percentile(times, 10),
+               p90_ms=percentile(times, 90), gpu_busy_ms=busy_ms,
+               gpu_busy=None if busy_ms is None else busy_ms / ms, kernels_per_step=kernels,
+               tokens_per_s=batch * seq * 1e3 / ms, peak_vram_gib=None if peak is None else peak / 2**30,
+               weights_gib=weights / 2**30, trained_state_gib=16 * trained / 2**30,
+               activations_gib=None if acts is None else acts / 2**30,
+               peak_vs_budget=None if budget is None else peak / budget,
+               trainable_params=trained, loss_step0=loss0, loss_last=loss_last, adapters_layer0=adapter_shapes(model))
     print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
     return row
 
@@ -206,17 +363,22 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny LM + tiny Swin on the CPU in fp32 (smoke run)")
     ap.add_argument("--batch-size", type=int, help="studies per step (default 8; --tiny: 2)")
-    ap.add_argument("--steps", type=int, help="timed steps after 3 warm-up steps (default 10; --tiny: 2)")
+    ap.add_argument("--steps", type=int, help="timed steps after 3 warm-up steps (default 50; --tiny: 2)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of {', '.join(ROWS)}")
     ap.add_argument("--hf-lora", choices=["auto", "peft", "vision.lora"], default="auto",
                     help="LoRA on the transformers side (auto: peft when installed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    names = [n for n in args.rows.split(",") if n]
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown or not names:
+        ap.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
 
     cuda, device, dtype = bench_device(ap, args.tiny)
     lm_preset, encoder_preset = ("tiny", "tiny") if args.tiny else ("stablelm-3b-4e1t", "swin-base")
     batch = args.batch_size or (2 if args.tiny else 8)
-    steps = args.steps or (2 if args.tiny else 10)
+    steps = args.steps or (2 if args.tiny else 50)
     lm_config, encoder_config = preset(lm_preset), ENCODER_PRESETS[encoder_preset]()
     report = ReportConfig(lm_mode="lora", encoder_mode="frozen", lora_r=16, lora_alpha=16.0, lora_dropout=0.1,
                           max_length=100)
@@ -226,55 +388,73 @@ def main(argv=None) -> dict:
         corpus = synthetic_reports(256, args.seed + 1) + [report.instruction]
         tokenizer_dir = str(build_tokenizer(corpus, Path(tmp), min(TOKENIZER_VOCAB, lm_config.vocab_size)))
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
-        spec = {"lm": None, "lm_preset": lm_preset, "encoder": None, "encoder_preset": encoder_preset,
-                "tokenizer": tokenizer_dir, "seed": args.seed, "report": report.to_dict()}
-        ours = build_model(spec, device, "bf16" if cuda else "fp32")
     swin_state = random_hf_swin_state(encoder_config, args.seed)
-    ours.encoder.load_state_dict(convert_hf_state_dict(swin_state, encoder_config))
     images = random_images(batch, encoder_config.image_size, device, dtype, args.seed)
     reports = synthetic_reports(batch, args.seed)
     report_tokens = [min(len(tokenizer.encode(r, add_special_tokens=False)) + 1, report.max_length)
                      for r in reports]
 
-    # The projector as initialised (training moves it) goes to the transformers side, like the frozen weights.
-    projector = {"proj": {k: v.detach().clone() for k, v in ours.proj.state_dict().items()},
-                 "proj_norm": {k: v.detach().clone() for k, v in ours.proj_norm.state_dict().items()}}
-    rows = [measure("stablelm", ours, images, reports, steps, cuda)]
-    lm_weights = lm_base_weights(ours.lm)
-    del ours
-    free(cuda)
-    hf, label = build_transformers(lm_weights, lm_config, swin_state, encoder_config, projector, tokenizer, report,
-                                   args.hf_lora, device, dtype)
-    del lm_weights
-    free(cuda)
-    rows.append(measure(label, hf, images, reports, steps, cuda))
-    del hf
-    free(cuda)
+    # Ours first (any order of --rows); the transformers rows get the same float LM (same seed, same device
+    # generator) and the projector as initialised.
+    rows, lm_weights, projector = [], None, None
+    for name in sorted(names, key=lambda n: ROWS[n][0] != "ours"):
+        side, settings = ROWS[name]
+        backend = "stablelm.lora"
+        if side == "ours":
+            model = build_ours(lm_config, encoder_config, tokenizer, report, settings, args.seed, swin_state,
+                               args.tiny, device, dtype)
+        else:
+            if lm_weights is None:
+                plain = StableLM.random(lm_config, seed=args.seed, device=device, dtype=dtype)
+                lm_weights = {k: v.cpu() for k, v in plain.state_dict().items()}
+                fresh = build_ours(lm_config, encoder_config, tokenizer, report, {"lm_mode": "frozen"}, args.seed,
+                                   swin_state, args.tiny, device, dtype)
+                projector = {"proj": {k: v.detach().clone() for k, v in fresh.proj.state_dict().items()},
+                             "proj_norm": {k: v.detach().clone() for k, v in fresh.proj_norm.state_dict().items()}}
+                del plain, fresh
+                free(cuda)
+            model, backend = build_transformers(lm_weights, lm_config, swin_state, encoder_config, projector,
+                                                tokenizer, report, args.hf_lora, device, dtype, settings)
+        row = measure(name, model, images, reports, steps, cuda)
+        row["lora_backend"] = backend
+        rows.append(row)
+        del model
+        free(cuda)
 
-    hf_ms = rows[-1]["step_ms"]
+    by_name = {r["impl"]: r for r in rows}
     for row in rows:
-        row["speedup"] = hf_ms / row["step_ms"]
-    ours_loss, hf_loss = rows[0]["loss_step0"], rows[1]["loss_step0"]
-    loss_rel_diff = abs(ours_loss - hf_loss) / abs(hf_loss)
-    notes = [
-        f"step-0 loss (eval mode, identical weights and inputs): stablelm {ours_loss:.5f}, {label} {hf_loss:.5f} "
-        f"(relative difference {loss_rel_diff:.2e})",
-        "LoRA adapters of layer 0 (trainable counts differ because our fused qkv / gate_up projections carry one "
-        f"adapter each): stablelm: {rows[0]['adapters_layer0']}; {label}: {rows[1]['adapters_layer0']}",
-        f"sequence: {rows[0]['seq_len']} positions (prompt + visual tokens + {report.max_length} report slots); "
-        f"real report tokens per study (with the end token): mean {sum(report_tokens) / len(report_tokens):.1f}",
-    ]
+        peer = by_name.get(PEERS.get(row["impl"], row["impl"]))
+        row["peer"] = peer["impl"] if peer else None
+        row["speedup"] = peer["step_ms"] / row["step_ms"] if peer else None
+        base = by_name.get("stablelm-lora-peft")
+        if row["impl"].startswith("stablelm-qlora") and base:
+            row["step_vs_bf16_lora"] = row["step_ms"] / base["step_ms"]
+            row["loss_last_rel_vs_bf16_lora"] = abs(row["loss_last"] - base["loss_last"]) / abs(base["loss_last"])
+    ours_row, hf_row = by_name.get("stablelm-lora-peft"), by_name.get("transformers-lora")
+    loss_rel_diff = None
+    notes = [f"sequence: {rows[0]['seq_len']} positions (prompt + visual tokens + {report.max_length} report slots); "
+             f"real report tokens per study (with the end token): mean {sum(report_tokens) / len(report_tokens):.1f}",
+             "gpu_busy: summed device kernel/copy time per step (torch.profiler, "
+             f"{PROFILED_STEPS} steps) / median step time; peak_vs_budget: peak VRAM / (resident weights + 16 B "
+             "per trained parameter + activations held after a forward)"]
+    if ours_row and hf_row:
+        loss_rel_diff = abs(ours_row["loss_step0"] - hf_row["loss_step0"]) / abs(hf_row["loss_step0"])
+        notes.insert(0, f"step-0 loss (eval mode, identical weights and inputs): stablelm-lora-peft "
+                        f"{ours_row['loss_step0']:.5f}, transformers-lora ({hf_row['lora_backend']}) "
+                        f"{hf_row['loss_step0']:.5f} (relative difference {loss_rel_diff:.2e})")
+        notes.append(f"LoRA adapters of layer 0: stablelm-lora-peft: {ours_row['adapters_layer0']}; "
+                     f"transformers-lora: {hf_row['adapters_layer0']}")
     print()
     print(markdown_table(rows, COLUMNS))
     print()
     for note in notes:
         print("-", note)
-    if not math.isfinite(loss_rel_diff) or loss_rel_diff > 0.05:
+    if loss_rel_diff is not None and (not math.isfinite(loss_rel_diff) or loss_rel_diff > 0.05):
         print(f"WARNING: step-0 losses differ by {loss_rel_diff:.1%}; the two sides are not computing the same thing")
     payload = {"benchmark": "report_train", "env": env, "lm": lm_preset, "encoder": encoder_preset,
                "dtype": str(dtype), "batch": batch, "images_per_study": IMAGES_PER_STUDY, "steps": steps,
-               "warmup": WARMUP, "report_config": report.to_dict(), "report_tokens": report_tokens,
-               "loss_step0_rel_diff": loss_rel_diff, "notes": notes, "rows": rows}
+               "warmup": WARMUP, "profiled_steps": PROFILED_STEPS, "report_config": report.to_dict(),
+               "report_tokens": report_tokens, "loss_step0_rel_diff": loss_rel_diff, "notes": notes, "rows": rows}
     if args.out:
         write_json(args.out, payload)
     return payload

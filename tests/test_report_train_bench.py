@@ -1,12 +1,13 @@
-"""bench.report_train --tiny on the CPU: both rows present and finite, identical weights give the same step-0
-loss, and the LoRA layouts train the parameter counts their adapter shapes imply."""
+"""bench.report_train --tiny on the CPU: every row (LoRA peft / fused layouts, gradient checkpointing, full
+fine-tuning, QLoRA int8 / int4 / nf4, the transformers peers) present and finite, identical weights give the same
+step-0 loss, and the layouts train the parameter counts their adapter shapes imply (the peft layout: peft's)."""
 import json
 import math
 
 import pytest
 
 from bench import report_train
-from stablelm import preset
+from stablelm import StableLM, preset
 from vision.swin import swin_tiny_test
 
 
@@ -21,22 +22,36 @@ def run(tmp_path_factory):
 def test_rows_present_and_finite(run):
     payload, out = run
     rows = {r["impl"]: r for r in payload["rows"]}
-    assert set(rows) == {"stablelm", "transformers+vision.lora"}
+    assert set(rows) == set(report_train.ROWS)
     for r in rows.values():
-        assert r["batch"] == 2
-        for key in ("step_ms", "tokens_per_s", "loss_step0", "loss_last", "speedup"):
+        assert r["batch"] == 2 and r["steps"] == 2
+        for key in ("step_ms", "tokens_per_s", "loss_step0", "loss_last", "speedup", "p10_ms", "p90_ms"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["impl"], key, r[key])
+        assert r["p10_ms"] <= r["step_ms"] <= r["p90_ms"]
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] * 1e3 / r["step_ms"])
-    assert rows["transformers+vision.lora"]["speedup"] == 1.0
+        assert r["gpu_busy"] is None and r["peak_vs_budget"] is None  # CUDA-only measurements
+    for name, peer in report_train.PEERS.items():
+        assert rows[name]["peer"] == peer
+        assert rows[name]["speedup"] == pytest.approx(rows[peer]["step_ms"] / rows[name]["step_ms"])
+    assert rows["transformers-lora"]["speedup"] == 1.0
+    for fmt in ("int8", "int4", "nf4"):
+        q = rows[f"stablelm-qlora-{fmt}"]
+        assert q["step_vs_bf16_lora"] > 0
+        # Two small AdamW steps from the same start: the quantized base moves the loss by its rounding only.
+        assert q["loss_last_rel_vs_bf16_lora"] < 0.05, (fmt, q["loss_last_rel_vs_bf16_lora"])
     saved = json.loads(out.read_text())
     assert saved["env"]["torch"] and saved["rows"] == json.loads(json.dumps(payload["rows"]))
 
 
 def test_same_weights_same_loss(run):
     payload, _ = run
+    rows = {r["impl"]: r for r in payload["rows"]}
     # fp32 on the CPU, same LM / Swin / projector weights and inputs: only summation order may differ.
     assert payload["loss_step0_rel_diff"] < 1e-4
-    ours = next(r for r in payload["rows"] if r["impl"] == "stablelm")
+    for name in ("stablelm-lora-fused", "stablelm-lora-peft-ckpt", "stablelm-full", "transformers-lora-ckpt",
+                 "transformers-full"):
+        assert rows[name]["loss_step0"] == pytest.approx(rows["transformers-lora"]["loss_step0"], rel=1e-4), name
+    ours = rows["stablelm-lora-peft"]
     prompt = ours["seq_len"] - 49 - payload["report_config"]["max_length"]
     assert prompt > 0 and all(0 < n <= 100 for n in payload["report_tokens"])
 
@@ -44,11 +59,16 @@ def test_same_weights_same_loss(run):
 def test_trainable_counts_follow_the_adapter_layouts(run):
     payload, _ = run
     cfg, r = preset("tiny"), 16
-    H, I = cfg.hidden_size, cfg.intermediate_size
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     projector = swin_tiny_test().num_features * H + H + 2 * H  # Linear + LayerNorm
-    ours = r * ((H + q + 2 * kv) + (q + H) + (H + 2 * I) + (I + H))              # fused qkv and gate_up
-    theirs = r * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))  # q, k, v, o, gate, up, down
+    fused = r * ((H + q + 2 * kv) + (q + H) + (H + 2 * I) + (I + H))             # fused qkv and gate_up
+    peft = r * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))  # q, k, v, o, gate, up, down
+    full = StableLM(cfg).num_params()
     counts = {row["impl"]: row["trainable_params"] for row in payload["rows"]}
-    assert counts == {"stablelm": projector + cfg.num_hidden_layers * ours,
-                      "transformers+vision.lora": projector + cfg.num_hidden_layers * theirs}
+    want = {"stablelm-lora-fused": L * fused}
+    for name in ("stablelm-lora-peft", "stablelm-lora-peft-ckpt", "stablelm-qlora-int8", "stablelm-qlora-int4",
+                 "stablelm-qlora-nf4", "transformers-lora", "transformers-lora-ckpt"):
+        want[name] = L * peft
+    want["stablelm-full"] = want["transformers-full"] = full
+    assert counts == {name: projector + n for name, n in want.items()}
