@@ -38,6 +38,18 @@ if INTERPRET:
     _fix_interpreter_for_numpy_2_4()
 
 
+# Host-side integer helpers for launchers. triton.cdiv / triton.next_power_of_2 are ConstexprFunctions in Triton 3.6:
+# each host call imports and unwraps its arguments (~3 us on a CPU core), and a launcher calls them several times per
+# launch, in paths (eager decode, short prefills) that are host bound. Same results for the sizes launchers pass.
+def cdiv(x: int, y: int) -> int:
+    return (x + y - 1) // y
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device, interpreted: int) -> int:
     """The device's streaming multiprocessors on CUDA; elsewhere (the interpreter, which has no SMs and runs programs

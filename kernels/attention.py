@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, INTERPRET
+from kernels._common import FLOAT_DTYPES, INTERPRET, cdiv, next_power_of_2
 
 _LOG2E = 1.4426950408889634
 
@@ -180,6 +180,36 @@ _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 3
 # length would re-tune on every new prompt length). Tensor dtypes are part of the key automatically.
 _KEY = ["Q_BUCKET", "K_BUCKET", "D_LO", "D_HI", "CAUSAL", "HAS_KV_START"]
 _PRUNE = {"early_config_prune": _keep_fallback_for_wide_rows}
+
+# Cheap launches (issue 11 item 5). Through triton.autotune every call pays the Autotuner's own host work (its key
+# rebuilt from all ~36 arguments with a dtype string per tensor, config kwargs merged, a grid callback) on top of
+# the JIT launch; in eager use a short prefill is host bound, so that overhead decided SDPA vs Triton below ~8K
+# tokens per call (bench/results/launch_h200.json: 90 us per call vs SDPA's 20). _Launch asks the Autotuner once
+# per autotune key (it benchmarks there, as before) and remembers the config it chose; later calls with that key go
+# straight to the JIT function with the config's constexprs and launch options. False: every call through the
+# Autotuner (the old path; bench/gemv_wired.py measures both).
+CHEAP_LAUNCH = True
+
+
+class _Launch:
+    """Launch an autotuned kernel `tuned` (triton.autotune over a JIT function) by the config it chose for `key`.
+
+    key: what the Autotuner's own key holds for these calls (the _KEY values and the tensor dtypes), so a hit picks
+    the config the Autotuner would. grid: (BLOCK_M, BLOCK_N) -> launch grid."""
+
+    def __init__(self, tuned):
+        self.tuned = tuned
+        self.chosen = {}  # key -> (BLOCK_M, BLOCK_N, the config's kwargs + launch options)
+
+    def __call__(self, key, grid, args, meta):
+        hit = self.chosen.get(key) if CHEAP_LAUNCH else None
+        if hit is None:
+            self.tuned[lambda cfg: grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **meta)
+            cfg = self.tuned.best_config
+            self.chosen[key] = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.all_kwargs())
+            return
+        block_m, block_n, kwargs = hit
+        self.tuned.fn[grid(block_m, block_n)](*args, **meta, **kwargs)
 
 
 @triton.jit
@@ -604,6 +634,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_START,
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
+_FWD, _DKDV, _DQ = _Launch(_attn_fwd_kernel), _Launch(_attn_bwd_dkdv_kernel), _Launch(_attn_bwd_dq_kernel)
+
 # head_dim = one power of two >= 16, or two of them (80 = 64 + 16): tl.dot needs power-of-two tiles of at least 16.
 _HEAD_DIMS = sorted({lo + hi for lo in (16, 32, 64, 128, 256) for hi in (0, 16, 32, 64, 128) if hi < lo <= 256 - hi})
 
@@ -618,7 +650,7 @@ def _split_head_dim(D):
 
 def _bucket(n):
     """Power-of-two bucket (16 .. 16384) of a length, for the autotune key."""
-    return min(max(16, triton.next_power_of_2(n)), 16384)
+    return min(max(16, next_power_of_2(n)), 16384)
 
 
 def _check(q, k, v, kv_start, scale):
@@ -679,9 +711,11 @@ def _forward(q, k, v, kv_start, causal, scale):
     if out.numel() == 0:
         return out, lse
     meta, kv_ptr, q_bucket, k_bucket = _common_args(q, k, kv_start, causal)
-    grid = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
-    _attn_fwd_kernel[grid](q, k, v, out, lse, kv_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           Hq, Sq, Sk, Hq // Hkv, scale * _LOG2E, q_bucket, k_bucket, **meta)
+    key = (q_bucket, k_bucket, meta["D_LO"], meta["D_HI"], meta["CAUSAL"], meta["HAS_KV_START"], q.dtype,
+           kv_ptr.dtype)
+    _FWD(key, lambda bm, bn: (cdiv(Sq, bm), B * Hq),
+         (q, k, v, out, lse, kv_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+          Hq, Sq, Sk, Hq // Hkv, scale * _LOG2E, q_bucket, k_bucket), meta)
     return out, lse
 
 
@@ -697,20 +731,20 @@ def _backward(dout, q, k, v, out, lse, kv_start, causal, scale):
     meta, kv_ptr, q_bucket, k_bucket = _common_args(q, k, kv_start, causal)
     if Sq > 0:
         block = 64 if D <= 128 else 32
-        _bwd_delta_kernel[(triton.cdiv(Sq, block), B * Hq)](
+        _bwd_delta_kernel[(cdiv(Sq, block), B * Hq)](
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
-            D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block)
+            D=D, BLOCK_D=next_power_of_2(D), BLOCK_M=block)
     group = Hq // Hkv
     qk_scale = scale * _LOG2E
-    grid_kv = lambda cfg: (triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, kv_ptr,
-                                   *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-                                   *dv.stride(), Hq, Hkv, Sq, Sk, group, qk_scale, scale, q_bucket, k_bucket, **meta)
+    key = (q_bucket, k_bucket, meta["D_LO"], meta["D_HI"], meta["CAUSAL"], meta["HAS_KV_START"], q.dtype,
+           dout.dtype, kv_ptr.dtype)
+    _DKDV(key, lambda bm, bn: (cdiv(Sk, bn), B * Hkv),
+          (q, k, v, dout, lse, delta, dk, dv, kv_ptr, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+           *dk.stride(), *dv.stride(), Hq, Hkv, Sq, Sk, group, qk_scale, scale, q_bucket, k_bucket), meta)
     if Sq > 0:
-        grid_q = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
-        _attn_bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, kv_ptr,
-                                    *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-                                    Hq, Sq, Sk, group, qk_scale, scale, q_bucket, k_bucket, **meta)
+        _DQ(key, lambda bm, bn: (cdiv(Sq, bm), B * Hq),
+            (q, k, v, dout, lse, delta, dq, kv_ptr, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+             *dq.stride(), Hq, Sq, Sk, group, qk_scale, scale, q_bucket, k_bucket), meta)
     return dq, dk, dv
 
 
@@ -730,9 +764,14 @@ class _TritonAttention(torch.autograd.Function):
 
 
 def attention_triton(q, k, v, kv_start=None, causal=True, scale=None):
-    """Flash attention in Triton (forward and backward); same contract as attention_ref."""
+    """Flash attention in Triton (forward and backward); same contract as attention_ref. When autograd will not
+    record the call (no grad mode, or no input requiring grad: inference, prefill) the forward runs without the
+    autograd.Function, whose apply() is host time an eager short prefill would pay for nothing."""
     _check(q, k, v, kv_start, scale)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if (CHEAP_LAUNCH and not (torch.is_grad_enabled()
+                              and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return _forward(q, k, v, kv_start, bool(causal), scale)[0]
     return _TritonAttention.apply(q, k, v, kv_start, bool(causal), scale)
 
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, INTERPRET, sm_count
+from kernels._common import FLOAT_DTYPES, INTERPRET, cdiv, next_power_of_2, sm_count
 
 MAX_UNROLL = 16  # K tiles per program unrolled in the CUDA-core kernel (more: a loop)
 MAX_M = 64  # above this the matmul is no longer bound by the weight read: F.linear / the tiled quant matmul
@@ -328,14 +328,14 @@ def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
             block_n, block_k, warps = 8, 512, 4
         block_m = 1
     else:
-        block_m = min(64, max(16, triton.next_power_of_2(M)))
+        block_m = min(64, max(16, next_power_of_2(M)))
         block_n, block_k, warps = 64, 128, 4
         if bits == 4:
             block_k = min(block_k, group_size & -group_size)
-    programs = triton.cdiv(N, block_n) * (M if block_m == 1 else triton.cdiv(M, block_m))
-    tiles = triton.cdiv(K, block_k)
+    programs = cdiv(N, block_n) * (M if block_m == 1 else cdiv(M, block_m))
+    tiles = cdiv(K, block_k)
     # Memory bound: split K while there are fewer than ~2 programs per SM, keeping >= 4 K tiles per split.
-    split_k = max(1, min(triton.cdiv(2 * sms, programs), tiles // 4, 8))
+    split_k = max(1, min(cdiv(2 * sms, programs), tiles // 4, 8))
     return GemvConfig(block_m, block_n, block_k, split_k, warps)
 
 
@@ -388,9 +388,9 @@ def gemv(x2, weight, scales=None, zeros=None, bias=None, bits: int = 16, group_s
             scales, zeros = scales.contiguous(), zeros.contiguous()
     ssn, ssg = (0, 0) if scales is None else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
     bk = config.block_k
-    tiles = triton.cdiv(K, bk)
-    k_split = triton.cdiv(tiles, config.split_k) * bk
-    n_splits = triton.cdiv(K, k_split)
+    tiles = cdiv(K, bk)
+    k_split = cdiv(tiles, config.split_k) * bk
+    n_splits = cdiv(K, k_split)
     target = out if n_splits == 1 else torch.empty((n_splits, M, N), dtype=torch.float32, device=x2.device)
     dummy = x2
     args = (x2, weight, scales if scales is not None else dummy, zeros if zeros is not None else dummy,
@@ -401,18 +401,18 @@ def gemv(x2, weight, scales=None, zeros=None, bias=None, bits: int = 16, group_s
     sos = target.stride(0) if n_splits > 1 else 0
     if config.block_m == 1:
         tiles_per_split = k_split // bk
-        grid = (triton.cdiv(N, config.block_n), M, n_splits)
+        grid = (cdiv(N, config.block_n), M, n_splits)
         _gemv_fma_kernel[grid](*args, N, K, K // 8 if bits == 4 else K, x2.stride(0), weight.stride(0), ssn, ssg,
                                N, sos, TILES=tiles_per_split, EVEN=K % (k_split) == 0,
                                UNROLL=tiles_per_split <= MAX_UNROLL, **common)
     else:
         magic = {torch.bfloat16: 1, torch.float16: 2}.get(x2.dtype, 0) if bits == 4 else 0
-        grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), n_splits)
+        grid = (cdiv(N, config.block_n), cdiv(M, config.block_m), n_splits)
         _gemv_dot_kernel[grid](*args, M, N, K, k_split, x2.stride(0), weight.stride(0), ssn, ssg, N, sos,
                                MAGIC=magic, IEEE=x2.dtype == torch.float32, BLOCK_M=config.block_m, **common)
     if n_splits > 1:
         block = 1024
-        _split_sum_kernel[(triton.cdiv(M * N, block),)](
+        _split_sum_kernel[(cdiv(M * N, block),)](
             target, bias if bias is not None else target, out, M * N, N, n_splits, target.stride(0),
             HAS_BIAS=bias is not None, BLOCK=block)
     return out

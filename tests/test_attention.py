@@ -248,6 +248,59 @@ def rel_err(x, ref):
     return ((x.float() - ref).norm() / ref.norm()).item()
 
 
+def test_cheap_launch_reuses_the_autotuned_config(monkeypatch):
+    """The second call of an autotune key skips the Autotuner (straight to the JIT function with the config it
+    chose), the first of a new key (other dtype, other length bucket, padding) goes through it; results equal the
+    Autotuner path's and the reference's; without grad the autograd.Function is skipped, with grad it is used."""
+    import kernels.attention as A
+    from triton.runtime.autotuner import Autotuner
+
+    through = []
+    real_run = Autotuner.run
+
+    def counting(self, *args, **kwargs):
+        through.append(self.base_fn.__name__)
+        return real_run(self, *args, **kwargs)
+    monkeypatch.setattr(Autotuner, "run", counting)
+    for launcher in (A._FWD, A._DKDV, A._DQ):
+        monkeypatch.setattr(launcher, "chosen", {})
+    gen = torch.Generator().manual_seed(11)
+
+    def inputs(Sq, dtype, pad):
+        q, k, v = (torch.randn(2, S, H, 80, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+                   for S, H in ((Sq, 4), (Sq, 2), (Sq, 2)))
+        kv_start = torch.tensor([0, 6], dtype=torch.int32, device=DEVICE) if pad else None
+        return q, k, v, kv_start
+
+    for Sq, dtype, pad, new_key in ((37, torch.float32, True, True), (33, torch.float32, True, False),
+                                    (37, torch.float16, True, True), (37, torch.float32, False, True),
+                                    (70, torch.float32, False, True), (37, torch.float16, True, False)):
+        q, k, v, kv_start = inputs(Sq, dtype, pad)
+        through.clear()
+        with torch.no_grad():
+            out = attention_triton(q, k, v, kv_start=kv_start)
+        assert through == (["_attn_fwd_kernel"] if new_key else []), (Sq, dtype, pad)
+        with torch.no_grad():
+            monkeypatch.setattr(A, "CHEAP_LAUNCH", False)
+            old = attention_triton(q, k, v, kv_start=kv_start)
+            monkeypatch.setattr(A, "CHEAP_LAUNCH", True)
+        assert torch.equal(out, old)
+        torch.testing.assert_close(out.float(), attention_ref(q.float(), k.float(), v.float(), kv_start=kv_start),
+                                   **TOL[dtype])
+    # Training: the autograd.Function, the backward kernels through the same cheap path on their second call.
+    q, k, v, kv_start = inputs(37, torch.float32, True)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+    grads = [run(attention_triton, q, k, v, dout, kv_start=kv_start) for _ in range(2)]
+    assert grads[0][0].grad_fn is not None
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.equal(a, b)
+    ref_out, ref_grads = reference(q, k, v, dout, kv_start=kv_start)
+    for a, b in zip(grads[1][1], ref_grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    assert set(A._DKDV.chosen) == set(A._DQ.chosen) and len(A._DKDV.chosen) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [80, 64])
 @pytest.mark.parametrize("S", [1024, 2048, 1531])
