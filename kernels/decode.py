@@ -8,8 +8,15 @@ capture the call.
 Triton implementation (flash-decoding): the cache's T slots are cut into `splits` equal chunks, and a program per
 (batch, kv head, chunk) attends all G = Hq/Hkv query heads of its kv head to its chunk, so each K/V byte is read
 once; chunks past kv_len[b] (or before kv_start[b]) exit at once, so the cost follows the real context. The split
-count depends only on T, B, Hkv and the SM count (never on kv_len values). A second small kernel combines the
-per-chunk (max, sum, acc) partials; with one split the first kernel writes the output itself.
+count depends only on T, B, Hkv and the SM count (never on kv_len values). With one split the kernel writes the
+output itself. With several, each chunk that holds valid keys writes its (max, sum, acc) partial, and the last of
+them to finish (a per-(batch, kv head) arrival counter, atomically incremented after the partial is stored; the last
+arrival resets it to 0 for the next call) combines the partials in split order and writes the output: one launch
+per call, so chunks can be small (one key block) and short contexts still spread over many SMs. The older second
+combine kernel is kept (FUSED_COMBINE = False, or fused_combine=False) for comparison.
+
+The counters live in a per-device buffer that is allocated once and never freed (a captured graph holds it by
+address): calls that run concurrently on two streams of one device must not share it (nothing here does that).
 
 head_dim 80 is padded to a 128-wide tile with masks rather than split 64 + 16: decode is bandwidth-bound, and
 masked lanes issue no memory traffic, so the bytes read are exactly the 80 real dims; the idle lanes cost only
@@ -24,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, sm_count
+from kernels._common import FLOAT_DTYPES, cdiv, next_power_of_2, sm_count
 
 
 def decode_attention_ref(q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
@@ -118,18 +125,23 @@ CONTRACTS = {"decode_attention": _c.Contract(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 
+_LOG2E = math.log2(math.e)
+
 @triton.jit
-def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART,
+def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART, COUNTER,
                          q_sb, q_sh, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd, o_sb, o_sh, o_sd,
                          T, chunk, qk_scale,
                          G: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         HAS_START: tl.constexpr, IEEE_DOT: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_START: tl.constexpr, IEEE_DOT: tl.constexpr, FUSED: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
     """Grid (B, Hkv, NUM_SPLITS). Attends the G query heads of kv head `hk` to keys [split*chunk, +chunk).
 
     With NUM_SPLITS == 1 it writes the normalised output; otherwise PART[b, h, split, :] gets the unnormalised
     accumulator in [:HEAD_DIM], the running max (log2 domain, scale included) at HEAD_DIM and the sum at
-    HEAD_DIM + 1 (max -inf, sum 0, acc 0 for a chunk with no valid key).
+    HEAD_DIM + 1 (max -inf, sum 0, acc 0 for a chunk with no valid key). FUSED: only chunks with keys to visit
+    (lo < hi: a contiguous run of splits) write partials, and the last of them to arrive at COUNTER[b, hk]
+    combines them into OUT (see the module docstring); with no such chunk, split 0 writes zeros.
     """
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -185,6 +197,42 @@ def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART,
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OUT + b64 * o_sb + heads[:, None] * o_sh + d[None, :] * o_sd, out.to(OUT.dtype.element_ty),
                  mask=g_ok[:, None] & d_ok[None, :])
+    elif FUSED:
+        # Splits with lo < hi are s_first .. s_first + n_active - 1 (chunk is a multiple of BLOCK_N).
+        aligned = (start // BLOCK_N) * BLOCK_N
+        n_active = tl.where(aligned < kv_len, (tl.maximum(kv_len, 1) - 1) // chunk - aligned // chunk + 1, 0)
+        if lo < hi:
+            hq = G * tl.num_programs(1)
+            row = PART + ((b64 * hq + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
+            tl.store(row[:, None] + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(row + HEAD_DIM, m_i, mask=g_ok)
+            tl.store(row + HEAD_DIM + 1, l_i, mask=g_ok)
+            # Every thread's partial stores precede the counter update (CTA barrier), which releases them at GPU
+            # scope; the last arrival's acquire makes every other chunk's partial visible to it.
+            tl.debug_barrier()
+            counter = COUNTER + b64 * tl.num_programs(1) + hk64
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_active - 1:
+                tl.store(counter, 0)  # ready for the next call (kernel boundaries order it)
+                sp = tl.arange(0, BLOCK_S)
+                s_ok = sp < n_active
+                s_idx = aligned // chunk + sp
+                for gi in tl.static_range(G):
+                    prow = PART + ((b64 * hq + hk64 * G + gi) * NUM_SPLITS + s_idx) * (HEAD_DIM + 2)
+                    pm = tl.load(prow + HEAD_DIM, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                    pl = tl.load(prow + HEAD_DIM + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
+                    pacc = tl.load(prow[:, None] + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+                                   cache_modifier=".cg")
+                    m_max = tl.max(pm, 0)
+                    w = tl.exp2(pm - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty chunks: weight 0
+                    den = tl.sum(w * pl, 0)
+                    res = tl.sum(w[:, None] * pacc, 0) / tl.where(den > 0, den, 1.0)  # no valid key: zeros
+                    tl.store(OUT + b64 * o_sb + (hk64 * G + gi) * o_sh + d * o_sd, res.to(OUT.dtype.element_ty),
+                             mask=d_ok)
+        elif split == 0 and n_active == 0:
+            zero = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            tl.store(OUT + b64 * o_sb + heads[:, None] * o_sh + d[None, :] * o_sd, zero.to(OUT.dtype.element_ty),
+                     mask=g_ok[:, None] & d_ok[None, :])
     else:
         row = PART + ((b64 * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
         tl.store(row[:, None] + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
@@ -221,9 +269,12 @@ def _decode_combine_kernel(PART, OUT, o_sb, o_sh, o_sd, HQ,
 _PROGRAMS_PER_SM = 8
 # The combine kernel holds all partials of one head in one [splits, D] tile.
 _MAX_SPLITS = 64
-# Below this many cache slots per split the second (combine) launch costs more than the parallelism gains: on an
-# H100 a bs=1 decode step at context 128 spent 44 us of its 2.8 ms in 32 combine launches.
+# Without the fused combine: below this many cache slots per split the second (combine) launch costs more than the
+# parallelism gains: on an H100 a bs=1 decode step at context 128 spent 44 us of its 2.8 ms in 32 combine launches.
+# With it (the default) a split is as small as one key block: a short context then spreads over many SMs instead of
+# a few programs walking it block after block (latency bound), and the combine costs no launch.
 _MIN_SLOTS_PER_SPLIT = 256
+FUSED_COMBINE = True
 
 
 def _block_n(dtype: torch.dtype) -> int:
@@ -231,11 +282,12 @@ def _block_n(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-def num_splits(B: int, Hkv: int, T: int, dtype: torch.dtype, device: torch.device) -> int:
+def num_splits(B: int, Hkv: int, T: int, dtype: torch.dtype, device: torch.device, fused: bool = True) -> int:
     """Split count for a cache of T slots: from static sizes only, so a captured graph stays valid."""
-    max_splits = min(_MAX_SPLITS, triton.cdiv(T, max(_block_n(dtype), _MIN_SLOTS_PER_SPLIT)))
+    min_slots = _block_n(dtype) if fused else max(_block_n(dtype), _MIN_SLOTS_PER_SPLIT)
+    max_splits = min(_MAX_SPLITS, cdiv(T, min_slots))
     # In the interpreter parallelism does not matter: one "SM" keeps the split count small.
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device, interpreted=1), B * Hkv)
+    wanted = cdiv(_PROGRAMS_PER_SM * sm_count(device, interpreted=1), B * Hkv)
     return max(1, min(wanted, max_splits))
 
 
@@ -267,9 +319,25 @@ def _check_decode_args(q, k_cache, v_cache, kv_len, kv_start):
             raise ValueError(f"decode_attention: {name} is on {t.device} but q is on {q.device}")
 
 
-def decode_attention_triton(q, k_cache, v_cache, kv_len, kv_start=None, scale=None, splits=None):
-    """Flash-decoding over the cache; `splits` overrides the static split count (tests, tuning)."""
+_COUNTERS: dict = {}  # device -> arrival-counter buffers (int32, zero between calls), newest last
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of >= n counters on `device`. A larger one replaces it for later calls, but every
+    buffer stays allocated: a CUDA graph captured earlier keeps using the one it recorded."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
+                                device=device))
+    return bufs[-1]
+
+
+def decode_attention_triton(q, k_cache, v_cache, kv_len, kv_start=None, scale=None, splits=None,
+                            fused_combine=None):
+    """Flash-decoding over the cache; `splits` overrides the static split count (tests, tuning); fused_combine
+    None: FUSED_COMBINE (True: the last chunk combines, one launch; False: a second combine kernel)."""
     _check_decode_args(q, k_cache, v_cache, kv_len, kv_start)
+    fused = FUSED_COMBINE if fused_combine is None else bool(fused_combine)
     B, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -278,26 +346,28 @@ def decode_attention_triton(q, k_cache, v_cache, kv_len, kv_start=None, scale=No
         return out.zero_()
     block_n = _block_n(q.dtype)
     if splits is None:
-        splits = num_splits(B, Hkv, T, q.dtype, q.device)
-    elif not 1 <= splits <= min(_MAX_SPLITS, triton.cdiv(T, block_n)):
+        splits = num_splits(B, Hkv, T, q.dtype, q.device, fused)
+    elif not 1 <= splits <= min(_MAX_SPLITS, cdiv(T, block_n)):
         raise ValueError(f"decode_attention: splits={splits} must be in [1, "
-                         f"{min(_MAX_SPLITS, triton.cdiv(T, block_n))}] for T={T} and {q.dtype}")
-    chunk = triton.cdiv(triton.cdiv(T, splits), block_n) * block_n  # whole blocks per split
-    splits = triton.cdiv(T, chunk)
+                         f"{min(_MAX_SPLITS, cdiv(T, block_n))}] for T={T} and {q.dtype}")
+    chunk = cdiv(cdiv(T, splits), block_n) * block_n  # whole blocks per split
+    splits = cdiv(T, chunk)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     part = out if splits == 1 else torch.empty((B, Hq, splits, D + 2), dtype=torch.float32, device=q.device)
+    fused = fused and splits > 1
+    counter = _counters(q.device, B * Hkv) if fused else kv_len
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, out, part,
+        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, out, part, counter,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        T, chunk, scale * math.log2(math.e),
+        T, chunk, scale * _LOG2E,
         G=G, HEAD_DIM=D, NUM_SPLITS=splits, HAS_START=kv_start is not None, IEEE_DOT=q.dtype == torch.float32,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4, num_stages=2)
-    if splits > 1:
+        FUSED=fused, BLOCK_G=max(16, next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_S=next_power_of_2(splits), num_warps=4, num_stages=2)
+    if splits > 1 and not fused:
         _decode_combine_kernel[(B * Hq,)](
             part, out, *out.stride(), Hq,
-            HEAD_DIM=D, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            HEAD_DIM=D, NUM_SPLITS=splits, BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d,
             num_warps=4)
     return out
 
