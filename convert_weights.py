@@ -1,6 +1,6 @@
 """Convert a Hugging Face StableLM checkpoint directory to the project's layout, or back with --to-hf.
 
-    python convert_weights.py SRC_HF_DIR DST_DIR [--dtype bf16|fp16|fp32] [--quant int8|int4] [--overwrite]
+    python convert_weights.py SRC_HF_DIR DST_DIR [--dtype bf16|fp16|fp32] [--quant int8|int4|nf4] [--overwrite]
     python convert_weights.py SRC_CONVERTED_DIR DST_HF_DIR --to-hf
     python convert_weights.py SRC_HF_SWIN_DIR DST_DIR --vision [--dtype ...]   # a transformers SwinModel
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from stablelm.checkpoint import DTYPES
-from stablelm.cli import add_convert_arguments, report_user_errors, run_convert
+from stablelm.cli import HelpFormatter, add_convert_arguments, report_user_errors, run_convert
 
 
 def vision_to_project(src, dst, dtype=None, overwrite=False) -> None:
@@ -27,6 +27,7 @@ def vision_to_project(src, dst, dtype=None, overwrite=False) -> None:
 def convert(args, parser) -> int:
     if not args.vision:
         return run_convert(args, parser)
+    args.src, args.dst = args.src.expanduser(), args.dst.expanduser()
     if args.quant or args.to_hf or args.group_size is not None:
         parser.error("--vision converts a Swin checkpoint to the project format only (no --quant/--to-hf)")
     vision_to_project(args.src, args.dst, args.dtype, args.overwrite)
@@ -35,7 +36,7 @@ def convert(args, parser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__, formatter_class=HelpFormatter)
     add_convert_arguments(parser)
     parser.add_argument("--vision", action="store_true", help="SRC is a transformers SwinModel (the image encoder)")
     return parser

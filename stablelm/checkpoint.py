@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from . import parallel
 from .config import StableLMConfig
-from .convert import (LAYOUT_FIELDS, CheckpointError, check_tensors, hf_to_project, meta_model, project_to_hf,
-                      read_hf_tensors, read_json, read_tensor_file, tensor_file_metadata)
+from .convert import (LAYOUT_FIELDS, CheckpointError, check_finite_tensor, check_tensors, hf_to_project,
+                      meta_model, project_to_hf, read_hf_tensors, read_json, read_tensor_file, tensor_file_metadata)
 from .model import Rotary
 from .quantize import quantize_model, quantize_state_dict
 
@@ -48,32 +48,53 @@ _SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 # ---------------------------------------------------------------- reading
-def read_hf_dir(path: str | Path, progress: bool = False) -> tuple[StableLMConfig, dict]:
-    """(config, tensors in the project layout) of a Hugging Face checkpoint directory."""
-    path = Path(path)
+def read_hf_dir(path: str | Path, progress: bool = False, check_finite: bool = False) -> tuple[StableLMConfig, dict]:
+    """(config, tensors in the project layout) of a Hugging Face checkpoint directory; check_finite: a NaN/inf in
+    a floating tensor is a CheckpointError naming the tensor and its shard."""
+    path = Path(path).expanduser()
     cfg = _config(path / "config.json", StableLMConfig.from_hf)
-    return cfg, hf_to_project(read_hf_tensors(path, progress), cfg)
+    tensors = read_hf_tensors(path, progress, check_finite)
+    try:
+        return cfg, hf_to_project(tensors, cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
-def read_project_dir(path: str | Path, device="cpu"):
-    """(StableLMConfig, quantization or None, tensors) of a converted directory."""
+def read_project_dir(path: str | Path, device="cpu", check_finite: bool = False):
+    """(StableLMConfig, quantization or None, tensors) of a converted directory; check_finite: as read_hf_dir."""
     cfg, quant, weights = read_project_header(path)
-    return cfg, quant, read_tensor_file(weights, device)
+    return cfg, quant, read_tensor_file(weights, device, check_finite)
 
 
 def read_project_header(path: str | Path):
     """(StableLMConfig, quantization or None, path of model.safetensors) of a converted directory, checked, with
     no tensor read (tensor-parallel ranks read their slices themselves)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     meta = read_json(path / "config.json")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}/config.json is not a converted stablelm checkpoint (run convert_weights.py)")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('version')} unsupported (expected {VERSION})")
     cfg = _config(path / "config.json", lambda m: StableLMConfig.from_dict(m["config"]), meta)
+    quant = _quantization(meta.get("quantization"), path / "config.json")
     weights = path / "model.safetensors"
     _check_layout(cfg, tensor_file_metadata(weights), path)
-    return cfg, meta.get("quantization"), weights
+    return cfg, quant, weights
+
+
+def _quantization(quant, path: Path) -> dict | None:
+    """config.json's quantization entry, checked: null, or {"bits": 8 | 4, "group_size": int > 0[, "format"]}."""
+    if quant is None:
+        return None
+    fmt = quant.get("format", "int") if isinstance(quant, dict) else None
+    ok = (isinstance(quant, dict) and fmt in ("int", "nf4")
+          and quant.get("bits") in ((8, 4) if fmt == "int" else (4,)) and type(quant.get("bits")) is int
+          and (quant.get("group_size") is None and quant.get("bits") == 8
+               or type(quant.get("group_size")) is int and quant["group_size"] > 0))
+    if not ok:
+        raise CheckpointError(f"{path}: quantization must be null or {{\"bits\": 8 | 4, \"group_size\": int > 0"
+                              f"[, \"format\": \"nf4\"]}}, got {quant!r}")
+    return quant
 
 
 def _config(path: Path, parse, meta: dict | None = None) -> StableLMConfig:
@@ -103,7 +124,7 @@ def _check_layout(cfg: StableLMConfig, metadata: dict, path: Path) -> None:
 
 
 def is_hf_dir(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
+    cfg = Path(path).expanduser() / "config.json"
     return cfg.exists() and read_json(cfg).get("format") != FORMAT
 
 
@@ -263,7 +284,7 @@ def write_project_dir(out: Path, cfg: StableLMConfig, tensors: dict, quantizatio
 
 
 def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
-    copied = []
+    src, copied = Path(src).expanduser(), []
     for name in TOKENIZER_FILES:
         if (Path(src) / name).exists():
             shutil.copy2(Path(src) / name, out / name)
@@ -282,6 +303,7 @@ def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, q
     """
     if group_size is not None and quant != "int4":
         raise ValueError(f"group_size applies to int4 quantization only (got quant={quant!r})")
+    src = Path(src).expanduser()
     with atomic_dir(dst, overwrite, src=src) as out:
         cfg, tensors = read_hf_dir(src, progress)
         tensors = _cast(tensors, dtype, progress)
@@ -302,6 +324,7 @@ def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, q
 def export_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
                   progress: bool = False) -> None:
     """Write the converted checkpoint `src` back as a transformers checkpoint directory `dst`."""
+    src = Path(src).expanduser()
     with atomic_dir(dst, overwrite, src=src) as out:
         cfg, quantization, tensors = read_project_dir(src)
         if quantization:
@@ -329,7 +352,7 @@ def _cast(tensors: dict, dtype: str | None, progress: bool = False) -> dict:
 
 # ---------------------------------------------------------------- loading a model
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         tp: int | None = None):
+         tp: int | None = None, check_finite: bool = True):
     """The model of a converted directory (or, converting in memory, a Hugging Face checkpoint directory), of the
     class its config's `architectures` names: StableLM, StableLMModel, StableLMForSequenceClassification or
     StableLMForTokenClassification (stablelm.model.MODEL_CLASSES).
@@ -337,31 +360,52 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype: torch dtype or "fp32"/"bf16"/"fp16"; None keeps the stored dtype (quantized tensors keep theirs).
     tp: tensor-parallel degree, the world size of a torchrun launch (stablelm/parallel.py): this rank's shard of
     the model, reading only its slices of the weights; "cuda" then means cuda:LOCAL_RANK.
+    check_finite: every floating tensor is checked for NaN / inf as it is read (and again after a dtype cast that
+    could overflow); one that holds any is a CheckpointError naming the tensor and the file. False skips it.
+    `~` in path is expanded.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory" if not path.exists() else
+                                f"{path} is not a directory (expected a checkpoint directory)")
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json")
+        raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
     if tp is not None:
         if is_hf_dir(path):
-            cfg, tensors = read_hf_dir(path)
-            return parallel.load_sharded(cfg, None, tensors, tp=tp, device=device, dtype=dtype, what=str(path))
-        return parallel.load_sharded(*read_project_header(path), tp=tp, device=device, dtype=dtype, what=str(path))
+            cfg, tensors = read_hf_dir(path, check_finite=check_finite)
+            model = parallel.load_sharded(cfg, None, tensors, tp=tp, device=device, dtype=dtype, what=str(path))
+        else:
+            model = parallel.load_sharded(*read_project_header(path), tp=tp, device=device, dtype=dtype,
+                                          what=str(path))
+        if check_finite:  # this rank read its slices itself: check them, now on its device
+            for name, t in model.state_dict().items():
+                check_finite_tensor(name, t, f"{path} (tensor-parallel rank's slice)")
+        return model
     if is_hf_dir(path):
-        (cfg, tensors), quant = read_hf_dir(path), None
+        (cfg, tensors), quant = read_hf_dir(path, check_finite=check_finite), None
     else:
-        cfg, quant, tensors = read_project_dir(path)
+        cfg, quant, tensors = read_project_dir(path, check_finite=check_finite)
     model = meta_model(cfg)
     if quant:
         quantize_model(model, quant["bits"], quant["group_size"], fmt=quant.get("format", "int"))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_tensors(tensors, expected, str(path))
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() and _is_float_param(k, quant) else v
-                   for k, v in tensors.items()}
+        narrower = {k for k, v in tensors.items() if v.is_floating_point() and _is_float_param(k, quant)
+                    and torch.finfo(dtype).max < torch.finfo(v.dtype).max}
+        cast = {k: v.to(dtype) if v.is_floating_point() and _is_float_param(k, quant) else v
+                for k, v in tensors.items()}
+        if check_finite:  # a finite value past the new dtype's range (fp16 tops out at 65504) became inf
+            for k in sorted(narrower):
+                if not bool(torch.isfinite(cast[k]).all()):
+                    raise CheckpointError(f"{path}: tensor {k} has values up to {tensors[k].abs().max().item():.4g}, "
+                                          f"past {dtype}'s largest {torch.finfo(dtype).max:.4g}; load it in "
+                                          f"bfloat16 or float32")
+        tensors = cast
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=True)
     model.rotary = Rotary(cfg).to(device)  # its non-persistent table was built on the meta device
     return model.eval()

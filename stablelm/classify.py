@@ -47,7 +47,7 @@ MODES = ("lora", "full", "head")
 # ---------------------------------------------------------------- data
 def read_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[tuple[str, str]]:
     """(text, label) pairs of a .jsonl or .csv file; labels as strings. Errors name the file and line."""
-    path = Path(path)
+    path = Path(path).expanduser()
     rows = []
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -230,7 +230,7 @@ def save(model, out: str | Path, tokenizer_dir: str | Path | None = None, extra:
     with checkpoint.atomic_dir(out, overwrite) as tmp:
         checkpoint.write_project_dir(tmp, model.config, tensors)
         if tokenizer_dir is not None:
-            checkpoint.copy_tokenizer_files(Path(tokenizer_dir), tmp)
+            checkpoint.copy_tokenizer_files(Path(tokenizer_dir).expanduser(), tmp)
         if extra is not None:
             (tmp / "metrics.json").write_text(json.dumps(extra, indent=2))
 

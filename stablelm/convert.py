@@ -198,6 +198,10 @@ def weight_files(directory: str | Path) -> list[Path]:
             weight_map = read_json(directory / index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{directory / index}: no weight_map of tensor name -> shard file")
+            for name in set(weight_map.values()):
+                # A shard is a file of this directory: not a path out of it, nor a name no file system takes.
+                if not name or "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise CheckpointError(f"{directory / index}: shard {name!r} is not a file name in {directory}")
             files = [directory / name for name in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.exists():
@@ -209,47 +213,82 @@ def weight_files(directory: str | Path) -> list[Path]:
                             f"or pytorch_model.bin.index.json")
 
 
-def read_tensor_file(path: Path, device="cpu") -> dict:
-    """All tensors of one .safetensors or .bin file (a .bin is read with weights_only=True: no code runs)."""
-    return dict(_tensors_of(Path(path), device))
+def read_tensor_file(path: Path, device="cpu", check_finite: bool = False) -> dict:
+    """All tensors of one .safetensors or .bin file (a .bin is read with weights_only=True: no code runs);
+    check_finite: a floating tensor holding NaN or inf is a CheckpointError naming it and the file."""
+    return dict(_tensors_of(Path(path), device, check_finite))
 
 
-def _tensors_of(path: Path, device="cpu"):
+def _rust_errors_too(e: BaseException) -> bool:
+    # safetensors and tokenizers are Rust: a panic on a malformed file arrives as pyo3's PanicException, which
+    # derives from BaseException, not Exception. Interrupts and exits are never a file's fault.
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _tensors_of(path: Path, device="cpu", check_finite: bool = False):
     """(name, tensor) pairs of one weight file; a file that cannot be read is a CheckpointError naming it."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    t = f.get_tensor(name)
+                    if check_finite:
+                        check_finite_tensor(name, t, path)
+                    yield name, t
             return
         tensors = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointError):
         raise
-    except Exception as e:  # safetensors, zip and unpickler errors alike: what matters is which file
+    except BaseException as e:  # safetensors, zip and unpickler errors alike: what matters is which file
+        if not _rust_errors_too(e):
+            raise
         raise CheckpointError(f"{path}: not a readable {path.suffix[1:]} weight file ({e})") from e
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise CheckpointError(f"{path}: holds {type(tensors).__name__}, not a dict of tensors")
-    yield from tensors.items()
+    for name, t in tensors.items():
+        if check_finite:
+            check_finite_tensor(name, t, path)
+        yield name, t
+
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: the check's temporary stays small next to a large tensor
+
+
+def check_finite_tensor(name: str, t: torch.Tensor, path) -> None:
+    """A CheckpointError naming the tensor and the file if a floating tensor holds NaN or inf."""
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    if all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK)):
+        return
+    nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+    raise CheckpointError(f"{path}: tensor {name} holds non-finite values ({nan} NaN, {inf} inf of {flat.numel()}): "
+                          f"the weights are broken (check_finite=False / --no-check-finite loads them anyway)")
 
 
 def tensor_file_metadata(path: Path) -> dict[str, str]:
     """The string metadata in a safetensors file's header (no tensor is read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
+            metadata = f.metadata() or {}
     except FileNotFoundError:
         raise
-    except Exception as e:
+    except BaseException as e:
+        if not _rust_errors_too(e):
+            raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return metadata
 
 
-def read_hf_tensors(directory: str | Path, progress: bool = False) -> dict:
+def read_hf_tensors(directory: str | Path, progress: bool = False, check_finite: bool = False) -> dict:
     """All tensors of a Hugging Face checkpoint directory, whatever its shard layout (see weight_files);
-    progress: a bar on stderr, one step per tensor."""
+    progress: a bar on stderr, one step per tensor; check_finite: as read_tensor_file."""
     tensors = {}
     with tqdm(desc=f"reading {directory}", unit=" tensors", disable=not progress, file=sys.stderr) as bar:
         for f in weight_files(directory):
-            for name, t in _tensors_of(f):
+            for name, t in _tensors_of(f, check_finite=check_finite):
+                if name in tensors:
+                    raise CheckpointError(f"{f}: tensor {name} is also in another shard")
                 tensors[name] = t
                 bar.update()
     return tensors
@@ -259,8 +298,8 @@ def read_json(path: Path) -> dict:
     """A JSON object from a file; a file that is not one is a CheckpointError naming it."""
     try:
         value = json.loads(Path(path).read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -339,7 +339,10 @@ class StableLMModel(nn.Module):
         return start.to(torch.int32), positions
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Logical parameter count: a quantized linear (stablelm/quantize.py, its weight packed into buffers)
+        counts as the float weight and bias it stands for."""
+        return sum(p.numel() for p in self.parameters()) + sum(
+            m.logical_numel() for m in self.modules() if hasattr(m, "logical_numel"))
 
 
 class StableLM(StableLMModel):

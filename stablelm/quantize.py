@@ -54,6 +54,10 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         return ops.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size)
 
+    def logical_numel(self) -> int:
+        """Elements of the float weight and bias this layer stands for (StableLMModel.num_params counts these)."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -85,6 +89,8 @@ class NF4Linear(nn.Module):
     def forward(self, x):
         return ops.nf4_linear(x, self.qweight, self.absmax, self.absmax_scale, self.absmax_mean, self.bias,
                               self.group_size)
+
+    logical_numel = QuantLinear.logical_numel
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

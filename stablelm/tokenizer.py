@@ -420,7 +420,7 @@ class Tokenizer:
 
         A sentencepiece model already knows its bos/eos/unk/pad pieces; they are used where not given.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         backend = _load_backend(path)

@@ -115,7 +115,7 @@ def test_info(checkpoint, capsys):
     (["generate", "--prompt", "hi", "--temperature", "0", "--top-k", "3"], "greedy"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "--prompt", "hi", "--num-beams", "2", "--temperature", "0.5"], "num_beams"),
-    (["info", "--model", "/nonexistent/dir"], "no config.json"),
+    (["info", "--model", "/nonexistent/dir"], "model directory /nonexistent/dir does not exist"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
