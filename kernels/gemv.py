@@ -4,7 +4,8 @@ int8 / int4 in kernels/quant.py's formats, dequantised in registers. Memory boun
 Op (stablelm.ops.linear, what the model's Linear layers call): linear(x, weight, bias=None) -> [..., N] in x's
 dtype, equal to F.linear(x, weight, bias): x [..., K] (any leading dims, any strides), weight [N, K] in x's dtype,
 bias [N] in x's dtype or None. "torch" (linear_ref) is F.linear (cuBLAS on CUDA). "triton" (linear_triton) runs
-gemv() below only where it measured faster, and F.linear everywhere else (see gemv_pays for the rule and why).
+gemv() below only where it measured faster, and F.linear everywhere else: batch-1 decode at the tuned shapes
+(gemv_pays), inside a CUDA-graph capture (linear_triton says why), never under autograd.
 Quantized weights reach the same kernels through quant_gemv, which kernels/quant.py's "triton" quant_linear calls
 where prefer_gemv says so (same arguments and formats as quant_linear; reference: kernels.quant.quant_linear_ref).
 
@@ -449,12 +450,33 @@ def gemv_pays(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
     return dtype == torch.bfloat16 and (16, 1, N, K) in TUNED
 
 
+# Launch keys (shape, dtype, device, bias, and what Triton specialises the compiled kernel on: pointer alignment,
+# x's row stride) whose kernel has run once in this process, i.e. whose module is loaded on the device.
+_READY: set = set()
+
+
+def _launch_key(x2, weight, bias) -> tuple:
+    sxm = x2.stride(0)
+    return (weight.shape[0], x2.shape[1], x2.dtype, x2.device, bias is not None, x2.data_ptr() % 16 == 0,
+            sxm % 16 == 0, sxm == 1, weight.stride(0), weight.data_ptr() % 16 == 0,
+            bias is None or bias.data_ptr() % 16 == 0)
+
+
 def linear_triton(x, weight, bias=None):
-    """The linear op: gemv() where gemv_pays (batch-1 decode at the tuned shapes), else F.linear.
+    """The linear op: gemv() where gemv_pays (batch-1 decode at the tuned shapes) and the call is being captured
+    into a CUDA graph, else F.linear.
+
+    CUDA graphs only, because of host cost: on the H200 host a gemv() call costs ~57 us of host time against
+    cuBLAS's ~19 us (bench/results/gemv_wired_h200.json) to save at most ~4.5 us of device time, so an eager decode
+    step, which is host bound, is faster on cuBLAS; in a captured step (stablelm.graph, generate()) host cost is
+    paid once and the kernel saves 2.36 -> 2.17 ms per bs-1 step. The first eager call of a launch key also runs
+    the kernel once (result discarded), which loads its module: a graph capture may not (cuModuleLoadData is refused
+    while a stream captures), so a capture takes the kernel only for keys an eager warm-up call has seen (the graph
+    builders warm up before capturing) and F.linear otherwise. Under torch.compile: F.linear. With CPU tensors (the
+    interpreter) every call gemv_pays allows runs the kernel, so the CPU tests exercise it.
 
     Training: the kernels have no backward, so whenever autograd would record the call (grad mode on and x, weight
-    or bias requiring grad) this is F.linear, whose gradients are the reference's; gemv() only runs under
-    torch.no_grad() / inference_mode or on tensors that need no gradient (generate(), a captured decode step)."""
+    or bias requiring grad) this is F.linear, whose gradients are the reference's."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     if (not gemv_pays(M, weight.shape[0], K, x.dtype, x.device) or weight.dtype != x.dtype or weight.dim() != 2
@@ -462,7 +484,19 @@ def linear_triton(x, weight, bias=None):
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
         return F.linear(x, weight, bias)
-    out = gemv(x.reshape(M, K), weight, bias=bias)
+    x2 = x.reshape(M, K)
+    if x.device.type == "cuda":
+        if torch.compiler.is_compiling():
+            return F.linear(x, weight, bias)
+        key = _launch_key(x2, weight, bias)
+        if not torch.cuda.is_current_stream_capturing():
+            if key not in _READY:
+                gemv(x2, weight, bias=bias)  # load the module now, for a later capture
+                _READY.add(key)
+            return F.linear(x, weight, bias)
+        if key not in _READY:
+            return F.linear(x, weight, bias)
+    out = gemv(x2, weight, bias=bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -157,8 +157,12 @@ def test_gemv_pays_is_batch_one_at_tuned_bf16_shapes():
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (1, 1, 1)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_one_row_runs_the_kernel_any_leading_dims(lead, bias, monkeypatch):
+    """CPU (interpreter): every one-row call runs the kernel. CUDA (a tuned shape): an eager call is F.linear (and
+    runs the kernel once per launch key, to load it); inside a graph capture the kernel runs."""
+    import kernels.gemv as G
     if DEVICE == "cuda":
         N, K, dtype = 2560, 6912, torch.bfloat16  # a tuned shape
+        monkeypatch.setattr(G, "_READY", set())
     else:
         N, K, dtype = 45, 96, torch.float16
     calls = _count_gemv(monkeypatch)
@@ -166,11 +170,22 @@ def test_linear_one_row_runs_the_kernel_any_leading_dims(lead, bias, monkeypatch
     x = torch.randn(*lead, K, generator=gen).to(DEVICE, dtype)
     w = (torch.randn(N, K, generator=gen) * K ** -0.5).to(DEVICE, dtype)
     b = torch.randn(N, generator=gen).to(DEVICE, dtype) if bias else None
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
     out = linear_triton(x, w, b)
     assert calls == [(1, K)]
     assert out.shape == (*lead, N) and out.dtype == dtype
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    if DEVICE == "cuda":
+        assert torch.equal(out, F.linear(x, w, b))  # eager: cuBLAS
+        assert linear_triton(x, w, b) is not None and calls == [(1, K)]  # warmed: no second kernel run
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = linear_triton(x, w, b)
+        assert calls == [(1, K), (1, K)]
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured.float(), ref, **TOL[dtype])
     # A strided one-row view (the model slices the last position) too.
     wide = torch.randn(1, 3, 2 * K, generator=gen).to(DEVICE, dtype)
     xv = wide[:, 2:, :K]
@@ -312,7 +327,7 @@ def test_gpu_split_and_tile_variants():
 @pytest.mark.gpu
 def test_gpu_3b_batch_one_decode_through_ops_linear(monkeypatch):
     """The 3B model at batch 1: the captured decode step with linear="triton" runs every projection through the
-    kernel and is as close to an fp32 reference as linear="torch" (cuBLAS) is."""
+    kernel (loaded by the eager warm-up) and is as close to an fp32 reference as linear="torch" (cuBLAS) is."""
     import copy
 
     from stablelm import StableLM, ops, preset
