@@ -3,8 +3,9 @@ weights: StableLM-3B shape, random weights, CUDA-graph decode step (stablelm.gra
 
     python -m bench.gemv_decode [--tuned gemv_sweep.json] [--batches 1,8,32] [--out gemv_decode.json]
 
-bf16: every nn.Linear is swapped for a module calling the linear op's "triton" implementation (what wiring
-ops.linear into the model gives; the model still calls nn.Linear); int8 / int4 (group 128): quant_linear "tiled"
+bf16: every nn.Linear is swapped for a module calling the linear op's "triton" implementation (the same as
+ops.using(linear="triton") now that the model's Linear layers call ops.linear; bench/gemv_wired.py measures it that
+way); int8 / int4 (group 128): quant_linear "tiled"
 (the tiled kernel at every M) vs "triton" (kernels.gemv where kernels.gemv.prefer_gemv says, else tiled).
 --tuned loads the best configs of a bench.gemv_sweep JSON into kernels.gemv.TUNED first.
 """
