@@ -18,10 +18,15 @@ A run checkpoint (`runs/x/last`, `runs/x/best`) is a directory that cannot carry
                          AdamW param-group hyperparameters with parameter names, "scheduler": LambdaLR counters}
   tokenizer/             a copy of the run's tokenizer files, so the run directory can move
 It is written atomically (stablelm.checkpoint.atomic_dir: a temporary directory renamed into place, removed on
-failure or a signal). Paths in the spec are absolute, `~` expanded.
+failure or a signal). Paths in the spec are absolute, `~` expanded. OUT/train_log.jsonl has one line per step
+({"epoch", "step", "loss", "lr"}).
+
+Under torchrun `train` runs data parallel (vision/distributed.py: DDP or FSDP2, --batch-size the global batch,
+the same loss curve as one process, rank-0 checkpoints that resume at any world size).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -40,6 +46,7 @@ from stablelm.convert import CheckpointError, read_json, read_tensor_file
 from stablelm.lora import make_optimizer
 from stablelm.tokenizer import Tokenizer
 
+from . import distributed
 from .data import ReportDataset, collate_reports
 from .metrics import METRICS, compute_scores, meteor_backend, weighted_score
 from .report_model import ReportConfig, ReportModel
@@ -59,7 +66,9 @@ ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
 class TrainConfig:
     """How a run trains and picks its best checkpoint. `help` metadata is what `python -m vision.train` shows."""
     epochs: int = field(default=5, metadata={"help": "training epochs"})
-    batch_size: int = field(default=8, metadata={"help": "studies per step (and per validation batch)"})
+    batch_size: int = field(default=8, metadata={
+        "help": "studies per step over all ranks (under torchrun each rank takes batch-size / world-size, which "
+                "must divide); the validation batch the same way"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate (cosine decay to 1%%)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     val_limit: int | None = field(default=None, metadata={"help": "validate on at most this many studies"})
@@ -69,6 +78,10 @@ class TrainConfig:
         "help": "R2Gen-style random crop for training images (R2GenGPT trains without augmentation)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the shuffles"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    data_parallel: str = field(default="auto", metadata={
+        "choices": distributed.DATA_PARALLEL,
+        "help": "under torchrun: DDP over the trained tensors, or FSDP2 fully_shard; auto = fsdp for --lm-mode "
+                "full, ddp otherwise"})
 
     def __post_init__(self):
         def bad(name, why):
@@ -79,6 +92,8 @@ class TrainConfig:
                 bad(name, "must be >= 1")
         if self.workers < 0:
             bad("workers", "must be >= 0")
+        if self.data_parallel not in distributed.DATA_PARALLEL:
+            bad("data_parallel", f"choose one of {distributed.DATA_PARALLEL}")
         if self.val_limit is not None and self.val_limit < 1:
             bad("val_limit", "must be >= 1 (or unset for the whole split)")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -179,31 +194,44 @@ def _trained_names(model: ReportModel) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def named_optimizer_state(model: ReportModel, optimizer) -> dict:
+    """The optimizer's state dict with parameters by name ({"state": {name: ...}, "param_groups": [{"params":
+    [names], ...}]}), the layout torch.distributed.checkpoint's get_optimizer_state_dict returns too."""
+    names = _trained_names(model)
+    sd = optimizer.state_dict()
+    return {"state": {names[i]: values for i, values in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
 def save_run_checkpoint(directory: Path, model: ReportModel, spec: dict, epoch: int, step: int,
-                        results: dict | None = None, optimizer=None, scheduler=None) -> None:
+                        results: dict | None = None, optimizer=None, scheduler=None, *,
+                        trained: dict | None = None, optimizer_state: dict | None = None) -> None:
     """Write a run checkpoint directory (layout in the module docstring) atomically, replacing an earlier one.
-    With `optimizer` and `scheduler` it also holds what resuming needs (optimizer state and RNG states)."""
+    With `optimizer` and `scheduler` it also holds what resuming needs (optimizer state and RNG states).
+    `trained` / `optimizer_state` (by parameter name): tensors already gathered whole (FSDP), instead of the
+    model's and the optimizer's own."""
     directory = Path(directory).expanduser()
     state = {"format": RUN_FORMAT, "version": RUN_VERSION, "spec": spec, "epoch": epoch, "step": step,
              "results": results, "optimizer": None, "scheduler": None}
-    trained = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    trained = model.trainable_state_dict() if trained is None else trained
+    trained = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     resume = {}
     if optimizer is not None:
-        names = _trained_names(model)
-        sd = optimizer.state_dict()
-        for index, values in sd["state"].items():
+        sd = named_optimizer_state(model, optimizer) if optimizer_state is None else optimizer_state
+        for name, values in sd["state"].items():
             for key in ADAMW_STATE:
                 value = values[key]
-                resume[f"{key}/{names[index]}"] = (value if torch.is_tensor(value)
-                                                   else torch.tensor(float(value))).detach().cpu().contiguous()
+                resume[f"{key}/{name}"] = (value if torch.is_tensor(value)
+                                           else torch.tensor(float(value))).detach().cpu().contiguous()
         state["optimizer"] = {"param_groups": [{**{k: v for k, v in g.items() if k != "params"},
-                                                "params": [names[i] for i in g["params"]]}
-                                               for g in sd["param_groups"]]}
+                                                "params": list(g["params"])} for g in sd["param_groups"]]}
         state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         resume["rng/cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
-            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-                resume[f"rng/cuda:{i}"] = rng
+            # Under a process group only this rank's GPU (touching the others would open a context on each).
+            gpus = [torch.cuda.current_device()] if dist.is_initialized() else range(torch.cuda.device_count())
+            for i in gpus:
+                resume[f"rng/cuda:{i}"] = torch.cuda.get_rng_state(i)
     with atomic_dir(directory, overwrite=True) as tmp:
         save_file(trained, str(tmp / MODEL_FILE), metadata={"format": RUN_FORMAT})
         if resume:
@@ -278,7 +306,8 @@ def load_trained(model: ReportModel, trained: dict) -> None:
     if missing or extra or wrong:
         raise CheckpointError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}, "
                               f"wrong shapes {wrong[:5]}")
-    model.load_state_dict(trained, strict=False)
+    params = dict(model.named_parameters())
+    model.load_state_dict({k: distributed.like_parameter(v, params[k]) for k, v in trained.items()}, strict=False)
 
 
 def require_resume_state(run: RunCheckpoint) -> None:
@@ -319,7 +348,8 @@ def restore_training(run: RunCheckpoint, model: ReportModel, optimizer, schedule
                 raise CheckpointError(f"{run.directory / OPTIMIZER_FILE}: {key}/{name} has shape "
                                       f"{tuple(values[key].shape)}, the parameter {tuple(params[name].shape)}")
     # load_state_dict moves and casts the moments to each parameter's device and dtype.
-    state = {index[n]: values for n, values in run.optimizer["state"].items()}
+    state = {index[n]: {k: distributed.like_parameter(v, params[n]) if k != "step" else v for k, v in values.items()}
+             for n, values in run.optimizer["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     # Only the counters this scheduler has, of the types it has: the JSON may not set anything else on it.
     current_schedule = scheduler.state_dict()
@@ -366,18 +396,25 @@ def write_json(path: Path, value, tmp_dir: Path | None = None) -> None:
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: ReportModel, loader, device, limit: int | None = None, desc="eval", **gen) -> dict:
-    """Generate for every study of `loader` and score against the references."""
+    """Generate for every study of `loader` and score against the references. Under a process group of several
+    ranks every rank calls it with its own share: the samples are gathered (rank order), rank 0 scores them once
+    and every rank returns the same result."""
     model.eval()
-    refs, hyps, samples = {}, {}, []
-    for batch in tqdm(loader, desc=desc, leave=False):
+    samples = []
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not main):
         texts = model.generate(batch["images"].to(device, model.lm.embed.weight.dtype),
                                batch["image_mask"].to(device), **gen)
         for sid, ref, hyp in zip(batch["ids"], batch["reports"], texts):
-            refs[sid], hyps[sid] = [ref], [hyp]
             samples.append({"id": sid, "reference": ref, "generated": hyp})
         if limit and len(samples) >= limit:
             break
-    return {"scores": compute_scores(refs, hyps), "samples": samples}
+    samples = distributed.gather_objects(samples)
+    scores = None
+    if main:
+        scores = compute_scores({s["id"]: [s["reference"]] for s in samples},
+                                {s["id"]: [s["generated"]] for s in samples})
+    return {"scores": distributed.broadcast_object(scores), "samples": samples}
 
 
 # ---------------------------------------------------------------------------- training
@@ -398,9 +435,12 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
           resume: str | Path | None = None) -> dict:
     """Train, validating after every epoch. Each epoch writes OUT/last (before validation, so a failing
     validation loses no training), OUT/best when the weighted validation score improves, and OUT/results.json.
-    `resume` continues from a `last` checkpoint. Every input is checked before the first step."""
+    `resume` continues from a `last` checkpoint. Every input is checked before the first step.
+    Under torchrun every rank calls it: data parallel as vision/distributed.py describes, rank 0 writing."""
     out = Path(out).expanduser()
-    device = torch.device(device)
+    ranks = distributed.setup(device)
+    device = ranks.device
+    local_batch = distributed.per_rank_batch(config.batch_size, ranks)
     train_set = ReportDataset(annotation, image_dir, "train", dataset=spec["dataset"], train=config.augment)
     val_set = ReportDataset(annotation, image_dir, "val", dataset=spec["dataset"], train=False)
     check_run_inputs(spec, config, [train_set, val_set])
@@ -409,13 +449,17 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
         require_resume_state(run)
     torch.manual_seed(config.seed)
     model = build_model(spec, device, spec["precision"])
+    wrapped = distributed.wrap(model, ranks, config.data_parallel)
+    sampler = distributed.train_sampler(train_set, ranks, config.seed)
+    # The DataLoader's own generator: iterating a DataLoader draws a seed, which must not come from the global
+    # RNG that dropout uses, or validation after an epoch would make a resumed run (saved before validation)
+    # diverge.
     gen = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=gen,
+    train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, generator=gen,
                               collate_fn=collate_reports, num_workers=config.workers, drop_last=False)
-    # Its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG that
-    # dropout uses, or validation after an epoch would make a resumed run (saved before validation) diverge.
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate_reports,
-                            num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed))
+    val_loader = DataLoader(distributed.validation_share(val_set, ranks, config.val_limit), batch_size=local_batch,
+                            collate_fn=collate_reports, num_workers=config.workers,
+                            generator=torch.Generator().manual_seed(config.seed))
     optimizer, scheduler = make_optimizer(model, config.lr, config.weight_decay, config.epochs * len(train_loader))
     results = {"spec": spec, "train": dataclasses.asdict(config), "meteor": meteor_backend(), "epochs": [],
                "best": None}
@@ -424,44 +468,73 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
         restore_training(run, model, optimizer, scheduler)
         start_epoch, step = run.epoch + 1, run.step
         results = run.results or results
-    out.mkdir(parents=True, exist_ok=True)
-
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable parameters: {n_trained:,} of {sum(p.numel() for p in model.parameters()):,}")
+    log = out / "train_log.jsonl"
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        # Steps after the resumed checkpoint (an interrupted epoch) are dropped: they are trained again.
+        kept = [line for line in (log.read_text().splitlines() if run is not None and log.exists() else [])
+                if json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in kept))
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"trainable parameters: {n_trained:,} of {sum(p.numel() for p in model.parameters()):,}"
+              + (f"; {ranks.world} ranks ({ranks.mode}), {local_batch} studies per rank per step"
+                 if ranks.distributed else ""))
+    trained_params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(start_epoch, config.epochs):
-        gen.manual_seed(config.seed + epoch)  # the shuffle of an epoch does not depend on earlier resumes
+        sampler.set_epoch(epoch)  # the shuffle of an epoch does not depend on earlier resumes
+        gen.manual_seed(config.seed + epoch)
+        distributed.seed_rank(ranks, config.seed, epoch)
         model.train()
         losses, t0 = [], time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}")
-        for batch in bar:
-            images = batch["images"].to(device, model.lm.embed.weight.dtype)
-            loss = model(images, batch["reports"], batch["image_mask"].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not ranks.main)
+        with open(log, "a") if ranks.main else contextlib.nullcontext() as log_file:
+            for batch in bar:
+                loss, logged = distributed.step_loss(wrapped, model, batch, ranks)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trained_params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                losses.append(logged.item())
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+                if log_file is not None:
+                    log_file.write(json.dumps({"epoch": epoch, "step": step, "loss": losses[-1], "lr": lr}) + "\n")
+                    log_file.flush()
         record = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(len(losses), 1),
-                  "epoch_seconds": time.perf_counter() - t0}
+                  "epoch_seconds": time.perf_counter() - t0, "world_size": ranks.world}
         results["epochs"].append(record)
-        save_run_checkpoint(out / "last", model, spec, epoch, step, results, optimizer, scheduler)
+        save_run_checkpoint_rank0(ranks, out / "last", model, spec, epoch, step, results, optimizer, scheduler)
         try:
-            val = evaluate(model, val_loader, device, config.val_limit, desc="validate")
+            with distributed.full_parameters(model, ranks):
+                val = evaluate(model, val_loader, device, desc="validate")
         except Exception as e:
             record["val_error"] = f"{type(e).__name__}: {e}"
-            write_json(out / "results.json", results)
+            if ranks.main:
+                write_json(out / "results.json", results)
             raise ValidationFailed(f"validation after epoch {epoch + 1} failed ({type(e).__name__}: {e}); the "
                                    f"epoch's training is saved in {out / 'last'}: continue with --resume "
                                    f"{out / 'last'}") from e
         score = weighted_score(val["scores"], config.score_weights)
         record.update(val=val["scores"], val_score=score, val_samples=val["samples"][:3])
-        print(json.dumps({k: v for k, v in record.items() if k != "val_samples"}))
+        if ranks.main:
+            print(json.dumps({k: v for k, v in record.items() if k != "val_samples"}))
         if results["best"] is None or score > results["best"]["val_score"]:
             results["best"] = {"epoch": epoch, "val_score": score, "val": val["scores"]}
-            save_run_checkpoint(out / "best", model, spec, epoch, step, results)
-        update_run_results(out / "last", results)  # so a resumed run knows this epoch's score and the best
-        write_json(out / "results.json", results)
+            save_run_checkpoint_rank0(ranks, out / "best", model, spec, epoch, step, results)
+        if ranks.main:
+            update_run_results(out / "last", results)  # so a resumed run knows this epoch's score and the best
+            write_json(out / "results.json", results)
+        ranks.barrier()
     return results
+
+
+def save_run_checkpoint_rank0(ranks, directory: Path, model, spec, epoch, step, results, optimizer=None,
+                              scheduler=None) -> None:
+    """save_run_checkpoint on rank 0 (under FSDP after gathering the full tensors on it), then a barrier."""
+    trained, optimizer_state = distributed.gathered_state(model, optimizer, ranks)
+    if ranks.main:
+        save_run_checkpoint(directory, model, spec, epoch, step, results, optimizer, scheduler, trained=trained,
+                            optimizer_state=optimizer_state)
+    ranks.barrier()

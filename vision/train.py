@@ -9,7 +9,15 @@ CPU. The annotation, every image's header, the paths and the flags are checked b
 epoch writes OUT/last (before validation), then validates (generation + metrics) and writes OUT/best when the
 weighted validation score improves. Checkpoints are directories of safetensors + JSON (nothing is pickled) with
 only the trained tensors, the optimizer and RNG state, epoch, step, what is needed to rebuild the model and a
-copy of the tokenizer. `--resume runs/x/last` continues a run. Results go to OUT/results.json.
+copy of the tokenizer. `--resume runs/x/last` continues a run. Results go to OUT/results.json, per-step losses
+to OUT/train_log.jsonl.
+
+Several GPUs (or CPU processes, gloo), any number of hosts: start it with torchrun (docs_parallel.md).
+
+    torchrun --nproc-per-node 4 -m vision.train --batch-size 32 ...   # DDP (FSDP2 for --lm-mode full / --fsdp)
+
+--batch-size is the global batch (each rank takes batch-size / world-size studies), so the same flags train the
+same run at any world size; rank 0 prints and writes, and its checkpoints resume at any world size.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import argparse
 import stablelm
 from stablelm.generate import GenerationConfig
 
-from . import cli
+from . import cli, distributed
 from .data import DATASETS, clean_report, load_annotation
 from .pipeline import ENCODER_PRESETS, PRECISIONS, TrainConfig, build_tokenizer, resolve_path, train
 from .report_model import GENERATION_SET_BY_MODEL, ReportConfig
@@ -49,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=cli.device, default=cli.default_device(), help="torch device")
     run.add_argument("--out", type=cli.path, required=True, help="run directory (checkpoints, results.json)")
     run.add_argument("--resume", type=cli.path, help="a run's `last` checkpoint directory to continue from")
+    run.add_argument("--fsdp", dest="train.data_parallel", action="store_const", const="fsdp",
+                     help="same as --data-parallel fsdp")
     return ap
 
 
@@ -60,9 +70,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     annotation = load_annotation(args.annotation)
     tokenizer_dir = args.tokenizer
     if not tokenizer_dir and not args.lm:
-        lm_vocab = stablelm.preset(args.lm_preset).vocab_size
-        texts = [clean_report(e["report"], args.dataset) for e in annotation["train"]] + [report.instruction]
-        tokenizer_dir = build_tokenizer(texts, args.out / "tokenizer", lm_vocab)
+        ranks = distributed.setup(args.device)  # under torchrun: rank 0 trains the tokenizer, the others wait
+        tokenizer_dir = args.out / "tokenizer"
+        if ranks.main:
+            lm_vocab = stablelm.preset(args.lm_preset).vocab_size
+            texts = [clean_report(e["report"], args.dataset) for e in annotation["train"]] + [report.instruction]
+            build_tokenizer(texts, tokenizer_dir, lm_vocab)
+        ranks.barrier()
     spec = {"lm": resolve_path(args.lm), "lm_preset": args.lm_preset, "encoder": resolve_path(args.encoder),
             "encoder_preset": args.encoder_preset, "tokenizer": resolve_path(tokenizer_dir), "seed": config.seed,
             "report": report.to_dict(), "dataset": args.dataset,
