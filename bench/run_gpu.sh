@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
-#   OUT=bench/results bash bench/run_gpu.sh [tests|kernels|decode|prefill|quant|train ...]   (default: all)
+#   OUT=bench/results bash bench/run_gpu.sh [tests|decode|quant|train|tp|prefill|kernels|checkop ...]
+# (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# NVLink multicast stays off (the lent multi-GPU machines require it; harmless on one GPU).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
+STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
-steps=${*:-tests kernels decode prefill quant train}
+steps=${*:-tests decode quant train tp prefill checkop kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# Result files are named after the GPU (kernels_h200.json, ...) so runs on different cards sit side by side.
+# Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+par=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+step() { timeout "$STEP_TIMEOUT" "$@" || echo "step failed or timed out (rc $?): $*"; }
 for s in $steps; do
   echo "=== $s ($(date +%T))"
   case $s in
     tests)   # Triton compilation dominates the GPU tests: spread them over processes when pytest-xdist is there.
-             par=$(python -c "import xdist" 2>/dev/null && echo "-n 6")
-             python -m pytest -q -m gpu tests -p no:cacheprovider -rf $par 2>&1 | tee "$OUT/gpu_tests.log" | tail -60 ;;
-    kernels) python -m bench.kernels --out "$OUT/kernels_${TAG}.json" ;;
-    decode)  python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
-    prefill) python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
+             # The contract tests run their full grid on CUDA; the parallel and tutorial tests have GPU branches.
+             step python -m pytest -q -m gpu tests -p no:cacheprovider -rf $par 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+             step python -m pytest -q tests/test_contracts.py tests/test_parallel.py tests/test_tutorial.py \
+               -p no:cacheprovider -rf $par 2>&1 | tee "$OUT/gpu_tests_grid.log" | tail -15 ;;
+    decode)  step python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
     quant)   for q in int8 int4; do
-               python -m bench.decode --quant $q --batch-sizes 1,8 --contexts 128,4096 --out "$OUT/decode_${q}_${TAG}.json"
+               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers none --out "$OUT/decode_${q}_${TAG}.json"
              done ;;
-    train)   python -m bench.report_train --out "$OUT/report_train_${TAG}.json" ;;
+    train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" ;;
+    tp)      step python -m bench.tp_decode --out "$OUT/tp_decode_${TAG}.json" ;;
+    prefill) step python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
+    checkop) step python -m stablelm check-op rotary kernels.rotary:rotary_triton --device cuda --model --speed \
+               --json "$OUT/check_op_rotary_${TAG}.json" ;;
+    kernels) step python -m bench.kernels --out "$OUT/kernels_${TAG}.json" ;;
   esac
 done
 echo "=== done ($(date +%T))"
