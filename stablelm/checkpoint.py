@@ -103,7 +103,7 @@ def _config(path: Path, parse, meta: dict | None = None) -> StableLMConfig:
         return parse(read_json(path) if meta is None else meta)
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
 
 
@@ -121,6 +121,16 @@ def _check_layout(cfg: StableLMConfig, metadata: dict, path: Path) -> None:
     if changed:
         raise CheckpointError(f"{path}: config.json does not match the weights ({'; '.join(changed)}); convert "
                               f"the checkpoint again instead of editing its config")
+
+
+def read_config(path: str | Path) -> tuple[StableLMConfig, dict | None]:
+    """(config, quantization or None) of a converted or Hugging Face checkpoint directory, checked as load checks
+    them (a converted one against the layout its weights record), with no tensor read."""
+    path = Path(path).expanduser()
+    if is_hf_dir(path):
+        return _config(path / "config.json", StableLMConfig.from_hf), None
+    cfg, quant, _ = read_project_header(path)
+    return cfg, quant
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -389,7 +399,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         (cfg, tensors), quant = read_hf_dir(path, check_finite=check_finite), None
     else:
         cfg, quant, tensors = read_project_dir(path, check_finite=check_finite)
-    model = meta_model(cfg)
+    try:
+        model = meta_model(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from e
     if quant:
         quantize_model(model, quant["bits"], quant["group_size"], fmt=quant.get("format", "int"))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

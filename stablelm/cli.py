@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from . import oplab, parallel
-from .checkpoint import DTYPES, FORMAT, INT4_GROUP_SIZE, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir
-from .config import StableLMConfig, preset
+from .checkpoint import (DTYPES, FORMAT, INT4_GROUP_SIZE, QUANT_BITS, convert_hf_dir, export_hf_dir, is_hf_dir,
+                         read_config)
+from .config import preset
 from .convert import CheckpointError, _rust_errors_too, project_shapes, read_json, weight_files
 from .generate import NonFiniteLogitsError
 
@@ -307,16 +308,16 @@ def _stored_dtypes(files: list[Path]) -> dict[str, int]:
 def checkpoint_info(path: str | Path) -> dict:
     """A checkpoint directory's config, parameter count, stored dtypes and files, without loading the weights."""
     path = check_model_dir(path)
+    cfg, quant = read_config(path)  # checked as load checks it
     meta = read_json(path / "config.json")
-    if is_hf_dir(path):
-        kind, cfg = "Hugging Face (convert it with `python -m stablelm convert`)", StableLMConfig.from_hf(meta)
-        quant = None
-    else:
-        kind, cfg = f"converted ({FORMAT} v{meta.get('version')})", StableLMConfig.from_dict(meta["config"])
-        quant = meta.get("quantization")
+    kind = ("Hugging Face (convert it with `python -m stablelm convert`)" if is_hf_dir(path) else
+            f"converted ({FORMAT} v{meta.get('version')})")
     files = weight_files(path)
     # The logical parameter count: quantized tensors are stored packed, with scales beside them.
-    params = sum(torch.Size(s).numel() for s in project_shapes(cfg).values())
+    try:
+        params = sum(torch.Size(s).numel() for s in project_shapes(cfg).values())
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from e
     return {"path": str(path), "format": kind, "config": cfg.to_dict(), "parameters": params,
             "stored_dtypes": _stored_dtypes(files) or meta.get("torch_dtype") or meta.get("dtype"),
             "quantization": quant, "weight_files": [f.name for f in files],

@@ -94,11 +94,23 @@ LAYOUT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 
 # ---------------------------------------------------------------- expected tensors
+# More layers than any published model has by far: a config asking for more is corrupt, and building its
+# meta-device model would take minutes (a config.json may hold any integer).
+MAX_LAYERS = 4096
+
+
 def meta_model(cfg: StableLMConfig) -> StableLMModel:
     """The model of `cfg` (the class its `architectures` names) on the meta device: tensor names and shapes, no
-    memory."""
-    with torch.device("meta"):
-        return model_class(cfg)(cfg)
+    memory. A config no model can be built from is a CheckpointError."""
+    if cfg.num_hidden_layers > MAX_LAYERS:
+        raise CheckpointError(f"config: num_hidden_layers={cfg.num_hidden_layers} is past {MAX_LAYERS}; the config "
+                              f"is corrupt")
+    try:
+        with torch.device("meta"):
+            return model_class(cfg)(cfg)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # sizes torch cannot make a tensor of
+        raise CheckpointError(f"config: no model can be built from it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]})") from e
 
 
 def project_shapes(cfg: StableLMConfig) -> dict[str, tuple]:
@@ -204,8 +216,9 @@ def weight_files(directory: str | Path) -> list[Path]:
                     raise CheckpointError(f"{directory / index}: shard {name!r} is not a file name in {directory}")
             files = [directory / name for name in sorted(set(weight_map.values()))]
             for f in files:
-                if not f.exists():
-                    raise FileNotFoundError(f"shard listed in the index is missing: {f}")
+                if not f.is_file():
+                    raise CheckpointError(f"{directory / index}: lists shard {f.name}, which is missing (shard "
+                                          f"listed in the index is missing: {f})")
             return files
         if found := sorted(directory.glob(shards)):
             return found

@@ -81,7 +81,7 @@ def load_annotation(path) -> dict[str, list[dict]]:
     path = Path(path).expanduser()
     try:
         data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return validate_annotation(data, source=str(path))
 
