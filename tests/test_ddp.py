@@ -241,8 +241,8 @@ def test_plain_mean_of_rank_means_would_differ(setup, single):
     halves = []
     for r in range(WORLD):
         model = build(specs["lora"])
-        model(*(lambda b: (b["images"], b["reports"], b["image_mask"]))(batches(data, slice(r * B, (r + 1) * B))[0])
-              ).backward()
+        half = batches(data, slice(r * B, (r + 1) * B))[0]
+        model(half["images"], half["reports"], half["image_mask"]).backward()
         halves.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     diff = max((sum(h[n] for h in halves) / WORLD - g).abs().max().item() for n, g in ref["grads"].items())
     assert diff > 1e-4
@@ -398,7 +398,7 @@ def test_ddp_world_of_one_over_nccl_equals_plain_step(tmp_path):
     got = torch.load(out)
     assert got["ddp"][0] == pytest.approx(got["plain"][0], rel=1e-6)
     for name, g in got["plain"][1].items():
-        torch.testing.assert_close(got["ddp"][1][name], g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["ddp"][1][name], g, **TOL)  # CUDA kernels may sum in another order
 
 
 if __name__ == "__main__":
