@@ -443,8 +443,9 @@ class DecodeSession:
         cache.set_host_length(at)
         bucket.state.t.zero_()
         bucket.state.finished.zero_()
-        for _ in range(steps):
-            step()
+        with torch.no_grad():  # as generate() runs it: an eager or compiled step must not record autograd
+            for _ in range(steps):
+                step()
         cache.set_host_length(at + steps)
 
     def bucket_len(self, total: int) -> int:
