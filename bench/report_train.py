@@ -6,7 +6,7 @@
 Ours: vision.pipeline's ReportModel with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder
 (bf16), frozen encoder, projector trained in float32, the default `stablelm.ops` (Triton on CUDA). Transformers: the
 same ReportModel prompt wrap, labels and loss around transformers' StableLmForCausalLM (sdpa, our LM weights
-projected with project_to_hf) and SwinModel, LoRA via peft (vision.lora.apply_lora on the same layers where peft is
+projected with project_to_hf) and SwinModel, LoRA via peft (stablelm.lora.apply_lora on the same layers where peft is
 missing). The Swin weights are identical too: transformers' random SwinModel init is converted into our encoder
 (vision.swin_checkpoint.convert_hf_state_dict), and our projector is copied into theirs, so the step-0 losses (eval
 mode, no dropout) agree to bf16 rounding.
@@ -52,10 +52,9 @@ from torch import nn
 from bench.common import bench_device, environment, markdown_table, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
-from stablelm.lora import make_optimizer
+from stablelm.lora import apply_lora, make_optimizer
 from stablelm.quantize import quantize_model
 from stablelm.tokenizer import Tokenizer
-from vision.lora import apply_lora
 from vision.pipeline import ENCODER_PRESETS, build_tokenizer
 from vision.report_model import ReportConfig, ReportModel
 from vision.swin import SwinEncoder
@@ -208,7 +207,7 @@ def build_transformers(lm_weights: dict, lm_config, swin_state: dict, encoder_co
             p.data = p.data.float()
         return model, "full"
     if lora_backend == "auto":  # peft is installed on the GPU machine, not necessarily elsewhere
-        lora_backend = "peft" if importlib.util.find_spec("peft") else "vision.lora"
+        lora_backend = "peft" if importlib.util.find_spec("peft") else "stablelm.lora"
     if lora_backend == "peft":
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=report.lora_r, lora_alpha=report.lora_alpha, lora_dropout=report.lora_dropout,
@@ -365,7 +364,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, help="studies per step (default 8; --tiny: 2)")
     ap.add_argument("--steps", type=int, help="timed steps after 3 warm-up steps (default 50; --tiny: 2)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of {', '.join(ROWS)}")
-    ap.add_argument("--hf-lora", choices=["auto", "peft", "vision.lora"], default="auto",
+    ap.add_argument("--hf-lora", choices=["auto", "peft", "stablelm.lora"], default="auto",
                     help="LoRA on the transformers side (auto: peft when installed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")

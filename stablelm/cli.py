@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA (default: graph)")
     g.add_argument("--tp", type=int, help="tensor-parallel degree: run under `torchrun --nproc-per-node N` with N = "
-                                          "the world size; each rank holds 1/N of the weights (docs_parallel.md)")
+                                          "the world size; each rank holds 1/N of the weights (README: Several GPUs)")
     g.add_argument("--no-check-finite", action="store_true",
                    help="skip the load-time check that every floating weight is finite (no NaN / inf)")
 

@@ -10,7 +10,7 @@ from kernels.quant import (QuantMatmulConfig, choose_config, dequantize_weight, 
                            quant_linear_triton, quant_matmul, quantize_weight, unpack_int4)
 from stablelm import ops
 from stablelm.config import preset
-from stablelm.model import StableLM
+from stablelm.model import Linear, StableLM
 from stablelm.quantize import QuantLinear, quantize_model, quantize_state_dict
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,7 +278,7 @@ def test_state_dict_conversion_matches_quantize_model_and_loads(bits, tmp_path):
     # The converter's path: write the quantized tensors, load() rebuilds QuantLinears on the meta device.
     ckpt.write_project_dir(tmp_path, cfg, tensors, {"bits": bits, "group_size": 32})
     loaded = ckpt.load(tmp_path)
-    assert isinstance(loaded.layers[0].mlp.down, QuantLinear) and type(loaded.lm_head) is nn.Linear
+    assert isinstance(loaded.layers[0].mlp.down, QuantLinear) and type(loaded.lm_head) is Linear
     ids = torch.randint(0, cfg.vocab_size, (2, 7))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))

@@ -9,7 +9,7 @@ from vision import evaluate as evaluate_script
 from vision import synthetic
 from vision import train as train_script
 from vision.data import ReportDataset, collate_reports, load_annotation
-from vision.lora import LoRALinear
+from stablelm.lora import LoRALinear
 from vision.pipeline import (build_model, build_tokenizer, evaluate, load_run_checkpoint, restore_training,
                              save_run_checkpoint)
 from vision.report_model import ReportConfig, report_generation

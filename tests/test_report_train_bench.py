@@ -14,8 +14,8 @@ from vision.swin import swin_tiny_test
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report_train.json"
-    # vision.lora on the transformers side, so the result does not depend on whether peft is installed.
-    payload = report_train.main(["--tiny", "--hf-lora", "vision.lora", "--out", str(out)])
+    # stablelm.lora on the transformers side, so the result does not depend on whether peft is installed.
+    payload = report_train.main(["--tiny", "--hf-lora", "stablelm.lora", "--out", str(out)])
     return payload, out
 
 

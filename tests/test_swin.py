@@ -12,7 +12,7 @@ from transformers import SwinForImageClassification, SwinModel
 from stablelm.checkpoint import MANIFEST
 from stablelm.convert import CheckpointError
 from vision import swin, swin_checkpoint
-from vision.lora import apply_lora
+from stablelm.lora import apply_lora
 from vision.swin import SwinConfig, SwinEncoder, swin_base_224, swin_tiny_test
 from vision.swin_checkpoint import convert_hf_state_dict, load_converted, load_hf_swin, save_converted
 

@@ -1,4 +1,4 @@
-"""The kernel-lab tutorial (docs_kernel_lab.md, merged into the README) runs as written: its code blocks are
+"""The README's kernel-lab tutorial runs as written: the code blocks of its "## Kernel lab" section are
 extracted and run in order in a fresh directory, in subprocesses without TRITON_INTERPRET set (the blocks handle the
 CPU themselves). A python block whose first line is `# NAME.py` is that file; other python blocks run as scripts;
 bash blocks run in bash; blocks marked `gpu` (```bash gpu) run only with CUDA."""
@@ -12,12 +12,20 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs_kernel_lab.md"
+README = ROOT / "README.md"
+SECTION = "## Kernel lab"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.S | re.M)
 
 
+def tutorial() -> str:
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start:] if end < 0 else text[start:end]
+
+
 def blocks():
-    return [(lang, info.split(), code) for lang, info, code in FENCE.findall(DOC.read_text())]
+    return [(lang, info.split(), code) for lang, info, code in FENCE.findall(tutorial())]
 
 
 def run_tutorial(tmp_path, gpu: bool):

@@ -19,7 +19,7 @@ from stablelm.generate import GenerationConfig, generate
 from stablelm.lora import LM_TARGETS, peft_targets
 from stablelm.quantize import QUANTIZED_LINEARS
 
-from .lora import apply_lora
+from stablelm.lora import apply_lora
 
 PROMPT_TEMPLATE = "Human: <Img><ImageHere></Img> {instruction} \nAssistant:"
 DEFAULT_INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."

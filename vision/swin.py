@@ -375,7 +375,7 @@ class SwinEncoder(nn.Module):
         return x, x.mean(dim=1)
 
     def lora_targets(self) -> dict[str, list[tuple[int, int]]]:
-        """For vision.lora.apply_lora: the query and value rows of every fused qkv projection (R2GenGPT puts LoRA
+        """For stablelm.lora.apply_lora: the query and value rows of every fused qkv projection (R2GenGPT puts LoRA
         on the Swin encoder's query and value)."""
         targets = {}
         for i, stage in enumerate(self.stages):

@@ -12,7 +12,7 @@ only the trained tensors, the optimizer and RNG state, epoch, step, what is need
 copy of the tokenizer. `--resume runs/x/last` continues a run. Results go to OUT/results.json, per-step losses
 to OUT/train_log.jsonl.
 
-Several GPUs (or CPU processes, gloo), any number of hosts: start it with torchrun (docs_parallel.md).
+Several GPUs (or CPU processes, gloo), any number of hosts: start it with torchrun (README, "Several GPUs").
 
     torchrun --nproc-per-node 4 -m vision.train --batch-size 32 ...   # DDP (FSDP2 for --lm-mode full / --fsdp)
 
