@@ -3,8 +3,8 @@ over it: format (quantize / dequantize), the reference, the Triton kernels (deco
 and the input-gradient GEMM of training) and the autograd.Function that trains through it.
 
 kernels/quant.py holds the linear formats (int8, int4); NF4 lives in its own file because its storage, its code
-table and its two-level scales share nothing with them but the nibble packing, which is re-stated here so a change
-of the int4 layout cannot silently change this one.
+table and its two-level scales share nothing with them but the nibble packing (kernels/quant.py's pack_int4 /
+unpack_int4; tests/test_nf4.py pins the order, so a change of the int4 layout cannot silently change this one).
 
 Format (plain tensors, so it lives in safetensors checkpoints; a weight is [N, K] = [out, in]; B = block_size,
 default 64, a multiple of 16 dividing K; D = DQ_BLOCK = 256):
@@ -59,6 +59,7 @@ import triton.language as tl
 
 from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, sm_count
+from kernels.quant import pack_int4, unpack_int4
 
 NF4_BLOCK_SIZE = 64      # weights per first-level scale (QLoRA's choice)
 DQ_BLOCK = 256           # first-level scales per second-level scale (QLoRA's choice)
@@ -86,21 +87,6 @@ def _check_block(K: int, block_size: int) -> None:
         raise ValueError(f"nf4: block_size must be a positive multiple of {BLOCK_MULTIPLE}, got {block_size!r}")
     if K % block_size:
         raise ValueError(f"nf4: block_size {block_size} does not divide in_features K={K}")
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K] codes in [0, 15] (K even) -> uint8 [..., K // 2]: low nibble = even k, high = odd k."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_nibbles: last dim {codes.shape[-1]} must be even")
-    codes = codes.to(torch.uint8)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_nibbles: uint8 [..., K // 2] -> uint8 [..., K]."""
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_nibbles: expected uint8, got {packed.dtype}")
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 def double_quantize(absmax: torch.Tensor):
@@ -139,14 +125,14 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = NF4_BLOCK_SIZE):
     divisor = torch.where(scale.abs() > 0, scale, torch.ones_like(scale))
     normalised = (w / divisor[..., None]).clamp(-1, 1)
     codes = torch.bucketize(normalised, _MIDPOINTS.to(w.device))
-    return pack_nibbles(codes.view(N, K)), absmax, absmax_scale, absmax_mean
+    return pack_int4(codes.view(N, K)), absmax, absmax_scale, absmax_mean
 
 
 def dequantize_nf4(qweight, absmax, absmax_scale, absmax_mean, block_size: int = NF4_BLOCK_SIZE) -> torch.Tensor:
     """float32 weight [N, K] from the format above."""
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     _check_block(K, block_size)
-    values = NF4_VALUES.to(qweight.device)[unpack_nibbles(qweight).long()]
+    values = NF4_VALUES.to(qweight.device)[unpack_int4(qweight).long()]
     scale = dequantize_absmax(absmax, absmax_scale, absmax_mean)
     return (values.view(N, K // block_size, block_size) * scale[..., None]).view(N, K)
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 import stablelm.checkpoint as ckpt
 from kernels.nf4 import (DQ_BLOCK, NF4_VALUES, NF4Config, choose_config, dequantize_absmax, dequantize_nf4,
                          double_quantize, nf4_grad_input, nf4_linear_ref, nf4_linear_triton, nf4_matmul,
-                         pack_nibbles, quantize_nf4, unpack_nibbles)
+                         quantize_nf4)
+from kernels.quant import pack_int4, unpack_int4
 from stablelm import ops
 from stablelm.config import preset
 from stablelm.model import StableLM
@@ -52,8 +53,8 @@ def test_code_table_is_the_published_nf4():
 
 def test_pack_unpack_identity_and_nibble_order():
     codes = torch.randint(0, 16, (5, 32), dtype=torch.uint8)
-    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
-    assert pack_nibbles(torch.tensor([[3, 12]], dtype=torch.uint8)).item() == 3 | (12 << 4)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    assert pack_int4(torch.tensor([[3, 12]], dtype=torch.uint8)).item() == 3 | (12 << 4)
 
 
 def test_double_quantization_shapes_and_error():
