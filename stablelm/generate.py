@@ -172,9 +172,9 @@ class GenerationConfig:
 
 @dataclass
 class GenerateOutput:
-    """generate(..., return_dict_in_generate=True). `sequences` are the new tokens [B * num_return_sequences,
-    new_len], exactly what generate returns otherwise (the prompt is not repeated, unlike transformers'
-    `sequences`). `scores` / `logits`: one [B * num_return_sequences, vocab] float32 tensor per new token, the
+    """generate(..., return_dict_in_generate=True). `sequences` [B * num_return_sequences, prompt_len + new_len]
+    are laid out as transformers' are: each prompt (repeated per returned sequence) followed by its new tokens, which
+    are what generate returns otherwise (with inputs_embeds there are no prompt ids: the new tokens alone). `scores` / `logits`: one [B * num_return_sequences, vocab] float32 tensor per new token, the
     processed scores the token was chosen from / the raw logits (transformers' output_scores / output_logits).
     `sequences_scores` (beam search): each returned sequence's length-normalised score, as transformers'."""
 
@@ -672,10 +672,17 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
             stop = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
             if seen is not None:
                 seen = seen.clone()
-            return _beam_search(step, bucket, logits, cfg, _Processor(cfg, stop, seen), batch, prompt_len, bar)
-        return _sample(step, bucket, logits, cfg, sel, seen, prompt_len, streamer, bar)
+            out = _beam_search(step, bucket, logits, cfg, _Processor(cfg, stop, seen), batch, prompt_len, bar)
+        else:
+            out = _sample(step, bucket, logits, cfg, sel, seen, prompt_len, streamer, bar)
     finally:
         bar.close()
+    if isinstance(out, GenerateOutput) and input_ids is not None:
+        # transformers' `sequences` start with the prompt (repeated per returned sequence); code copied from its
+        # docs slices them at the prompt length, so the dict form keeps that layout.
+        prompts = input_ids.to(out.sequences.device).repeat_interleave(cfg.num_return_sequences, dim=0)
+        out = dataclasses.replace(out, sequences=torch.cat([prompts, out.sequences], dim=1))
+    return out
 
 
 def _check_prompt(model, input_ids, attention_mask, input_embeds, device):

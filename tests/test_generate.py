@@ -429,10 +429,10 @@ def test_num_return_sequences_with_beams(pair, length_penalty):
     ours = generate(model, ids, attention_mask=mask, pad_token_id=PAD, return_dict_in_generate=True, **kw)
     ref = hf_full(hf, ids, mask, pad_token_id=PAD, output_scores=True, **kw)
     assert isinstance(ours, GenerateOutput) and ours.sequences.shape[0] == 4
-    assert torch.equal(ours.sequences, ref.sequences[:, ids.shape[1]:])
+    assert torch.equal(ours.sequences, ref.sequences)
     torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
     plain = generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw)
-    assert torch.equal(plain, ours.sequences)
+    assert torch.equal(plain, ours.sequences[:, ids.shape[1]:])
 
 
 def test_num_return_sequences_with_sampling(pair):
@@ -458,8 +458,8 @@ def test_output_scores_and_logits_match_transformers(pair):
               pad_token_id=PAD, output_scores=True, output_logits=True)
     ours = generate(model, ids, attention_mask=mask, return_dict_in_generate=True, **kw)
     ref = hf_full(hf, ids, mask, **kw)
-    assert torch.equal(ours.sequences, ref.sequences[:, ids.shape[1]:])
-    assert len(ours.scores) == len(ref.scores) == len(ours.logits) == ours.sequences.shape[1]
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert len(ours.scores) == len(ref.scores) == len(ours.logits) == ours.sequences.shape[1] - ids.shape[1]
     for a, b in zip(ours.scores + ours.logits, ref.scores + ref.logits):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
     assert torch.isinf(ours.scores[0]).any()  # min_new_tokens blocked the stop id
