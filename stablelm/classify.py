@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from .cli import HelpFormatter
 from .lora import LM_TARGETS, apply_lora, make_optimizer, merge_lora
 from .model import StableLMForSequenceClassification
 from .tokenizer import Tokenizer
@@ -237,10 +238,11 @@ def save(model, out: str | Path, tokenizer_dir: str | Path | None = None, extra:
 
 # ---------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m stablelm.classify", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stablelm.classify", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("train", "evaluate"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, formatter_class=HelpFormatter)
         p.add_argument("--model", required=True, help="converted or Hugging Face checkpoint directory")
         p.add_argument("--data", required=True, help=".jsonl or .csv of text,label (training data for train)")
         p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")

@@ -267,3 +267,16 @@ def test_convert_weights_help_shows_defaults():
     assert "(default: as stored in SRC)" in text and "(default: none)" in text
     top = run("--help")
     assert top.stdout.startswith("usage: python -m stablelm ") and "greedy unless --do-sample" in top.stdout
+
+
+@pytest.mark.parametrize("module, args, default", [
+    ("vision.metrics", [], "(default: auto)"),
+    ("vision.synthetic", [], "(default: 300)"),
+    ("stablelm.classify", ["train"], "(default: 512)"),
+])
+def test_other_commands_help_names_the_module_and_shows_defaults(module, args, default):
+    r = subprocess.run([sys.executable, "-m", module, *args, "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: python -m {module}") and "__main__" not in r.stdout
+    assert default in " ".join(r.stdout.split()), r.stdout

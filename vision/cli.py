@@ -17,20 +17,11 @@ from pathlib import Path
 
 import torch
 
-from stablelm.cli import report_user_errors
+from stablelm.cli import HelpFormatter, report_user_errors
 
 from .pipeline import ValidationFailed
 
 UNSET_HELP = "default: the checkpoint's"
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and "(default: ...)" after the help of every flag that has a default."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:

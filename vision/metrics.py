@@ -35,6 +35,7 @@ METEOR has two backends:
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import importlib.util
 import json
@@ -50,6 +51,8 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+
+from stablelm.cli import HelpFormatter
 
 METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -368,10 +371,11 @@ def weighted_score(scores: Mapping[str, float], weights: Mapping[str, float]) ->
 def main(argv=None) -> dict:
     """Re-score a results file of vision.evaluate ({"samples": [{"id", "reference", "generated"}]}), e.g. on a
     machine with Java after generating on one without: python -m vision.metrics results.json [--meteor java]"""
-    import argparse
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m vision.metrics", description=main.__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("results")
-    ap.add_argument("--meteor", default="auto", choices=["auto", "java", "python"])
+    ap.add_argument("--meteor", default="auto", choices=["auto", "java", "python"],
+                    help="METEOR backend: the Meteor 1.5 jar (java), the exact-match variant (python), or java if found")
     args = ap.parse_args(argv)
     samples = json.loads(Path(args.results).read_text())["samples"]
     refs = {s["id"]: [s["reference"]] for s in samples}

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from stablelm.cli import HelpFormatter
+
 SIDES = ("right", "left")
 ZONES = ("upper", "middle", "lower")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -398,12 +400,12 @@ def generate(out_dir, studies: int = 300, views: int = 2, size: int = 224, seed:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir")
-    ap.add_argument("--studies", type=int, default=300)
-    ap.add_argument("--views", type=int, default=2, choices=[1, 2])
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m vision.synthetic", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("out_dir", help="where annotation.json and images/ are written")
+    ap.add_argument("--studies", type=int, default=300, help="studies, split 70/10/20 into train/val/test")
+    ap.add_argument("--views", type=int, default=2, choices=[1, 2], help="images per study (frontal, lateral)")
+    ap.add_argument("--size", type=int, default=224, help="image side in pixels")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data set)")
     args = ap.parse_args(argv)
     path = generate(args.out_dir, args.studies, args.views, args.size, args.seed)
     print(f"wrote {path} and {Path(args.out_dir) / 'images'}")
