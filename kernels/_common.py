@@ -60,6 +60,31 @@ def sm_count(device: torch.device, interpreted: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tiled dequantising matmuls (kernels/quant.py, kernels/nf4.py)
+
+def skinny_split_k(M: int, N: int, k_tiles: int, block_m: int, block_n: int, sms: int) -> int:
+    """K splits for a weight-only matmul: skinny M is bound by the weight read, so split K until there are ~4
+    programs per SM, keeping >= 2 K tiles per split (and at most 32 splits to sum)."""
+    programs = max(1, cdiv(M, block_m) * cdiv(N, block_n))
+    return max(1, min(cdiv(4 * sms, programs), k_tiles // 2, 32))
+
+
+def check_tiles(op: str, block_m: int, block_n: int, block_k: int, split_k: int) -> None:
+    """The tilings those kernels accept: block_m 1 (the CUDA-core row kernel) or a power of two >= 16 (tl.dot),
+    block_n / block_k powers of two >= 16, split_k >= 1."""
+    def pow2(v):
+        return v >= 1 and v & (v - 1) == 0
+
+    if not (block_m == 1 or (block_m >= 16 and pow2(block_m))):
+        raise ValueError(f"{op}: block_m must be 1 or a power of two >= 16, got {block_m}")
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if not (v >= 16 and pow2(v)):
+            raise ValueError(f"{op}: {name} must be a power of two >= 16, got {v}")
+    if split_k < 1:
+        raise ValueError(f"{op}: split_k must be >= 1, got {split_k}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Row addressing (kernels/norm.py, kernels/mlp.py)
 
 def _merged_stride(sizes, strides):

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, sm_count
+from kernels._common import FLOAT_DTYPES, check_tiles, skinny_split_k, sm_count
 from kernels.quant import pack_int4, unpack_int4
 
 NF4_BLOCK_SIZE = 64      # weights per first-level scale (QLoRA's choice)
@@ -324,26 +324,13 @@ def choose_config(M: int, N: int, K: int, block_size: int, device: torch.device)
         block_m, block_n = 1, 128
     else:
         block_m, block_n = max(16, triton.next_power_of_2(M)), 64
-    # Skinny M is bound by the weight read: split K until there are ~4 programs per SM (>= 2 K tiles per split).
-    tiles = K // k_cap
-    programs = max(1, triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
-    split_k = max(1, min(triton.cdiv(4 * sms, programs), tiles // 2, 32))
-    return NF4Config(block_m, block_n, k_cap, split_k)
+    return NF4Config(block_m, block_n, k_cap, skinny_split_k(M, N, K // k_cap, block_m, block_n, sms))
 
 
 def _check_config(cfg: NF4Config, block_size: int) -> None:
-    def pow2(v):
-        return v >= 1 and v & (v - 1) == 0
-
-    if not (cfg.block_m == 1 or (cfg.block_m >= 16 and pow2(cfg.block_m))):
-        raise ValueError(f"nf4_matmul: block_m must be 1 or a power of two >= 16, got {cfg.block_m}")
-    for name in ("block_n", "block_k"):
-        if not (getattr(cfg, name) >= 16 and pow2(getattr(cfg, name))):
-            raise ValueError(f"nf4_matmul: {name} must be a power of two >= 16, got {getattr(cfg, name)}")
+    check_tiles("nf4_matmul", cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
     if block_size % cfg.block_k:
         raise ValueError(f"nf4_matmul: block_k {cfg.block_k} must divide block_size {block_size}")
-    if cfg.split_k < 1:
-        raise ValueError(f"nf4_matmul: split_k must be >= 1, got {cfg.split_k}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from kernels import contract as _c
 from kernels import gemv as _gemv
-from kernels._common import FLOAT_DTYPES, sm_count
+from kernels._common import FLOAT_DTYPES, check_tiles, skinny_split_k, sm_count
 
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
 INT4_GROUP_MULTIPLE = 16  # the smallest tl.dot depth: one group's scale covers whole K tiles
@@ -344,26 +344,14 @@ def choose_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         block_n = 8192 // block_k
     else:
         block_m, block_n, block_k = max(16, triton.next_power_of_2(M)), 64, min(128, k_cap)
-    # Skinny M is memory bound: split K until there are ~4 programs per SM, keeping >= 2 K tiles per split.
-    tiles = triton.cdiv(K, block_k)
-    programs = max(1, triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
-    split_k = max(1, min(triton.cdiv(4 * sms, programs), tiles // 2, 32))
+    split_k = skinny_split_k(M, N, triton.cdiv(K, block_k), block_m, block_n, sms)
     return QuantMatmulConfig(block_m, block_n, block_k, split_k)
 
 
 def _check_config(cfg: QuantMatmulConfig, bits: int, group_size: int) -> None:
-    def pow2(v):
-        return v >= 1 and v & (v - 1) == 0
-
-    if not (cfg.block_m == 1 or (cfg.block_m >= 16 and pow2(cfg.block_m))):
-        raise ValueError(f"quant_matmul: block_m must be 1 or a power of two >= 16, got {cfg.block_m}")
-    for name in ("block_n", "block_k"):
-        if not (getattr(cfg, name) >= 16 and pow2(getattr(cfg, name))):
-            raise ValueError(f"quant_matmul: {name} must be a power of two >= 16, got {getattr(cfg, name)}")
+    check_tiles("quant_matmul", cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
     if bits == 4 and group_size % cfg.block_k:
         raise ValueError(f"quant_matmul: int4 block_k {cfg.block_k} must divide group_size {group_size}")
-    if cfg.split_k < 1:
-        raise ValueError(f"quant_matmul: split_k must be >= 1, got {cfg.split_k}")
 
 
 def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: QuantMatmulConfig):
