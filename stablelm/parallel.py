@@ -56,9 +56,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from . import ops
 from .config import StableLMConfig
 from .convert import CheckpointError, check_tensors
-from .model import Rotary, StableLM
+from .model import Linear, Rotary, StableLM
 from .quantize import QuantLinear, quantize_model
 
 TIMEOUT_ENV = "STABLELM_DIST_TIMEOUT"
@@ -232,7 +233,12 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         bias = local.bias
-        local.bias = None
+        # In a world of one the sum is a copy: the bias stays in the local product (its epilogue rounds once),
+        # so TP=1 computes exactly what the plain model does.
+        if dist.get_world_size(group) > 1:
+            local.bias = None
+        else:
+            bias = None
         self.local = local
         if isinstance(bias, nn.Parameter):
             self.bias = bias
@@ -253,7 +259,7 @@ class _TiedRows(nn.Module):
         self.register_buffer("weight", embed.weight.detach()[rows.start:rows.stop], persistent=False)
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        return ops.linear(x, self.weight)  # the plain model's tied head runs the same op
 
 
 class VocabParallelHead(nn.Module):
@@ -315,7 +321,9 @@ def _local_model(rcfg: RankConfig, shard: Shard, quant: dict | None) -> StableLM
     if quant:
         quantize_model(model, quant["bits"], quant["group_size"])
     if model.lm_head is not None:
-        head = nn.Linear(rcfg.hidden_size, len(shard.vocab), bias=False, device="meta")
+        # The project's Linear (ops.linear), as the plain model's head: the same kernel, hence at TP=1 the same
+        # logits bit for bit (cuBLAS and the decode GEMV round differently).
+        head = Linear(rcfg.hidden_size, len(shard.vocab), bias=False, device="meta")
         if isinstance(model.lm_head, QuantLinear):
             head = QuantLinear.from_linear(head, model.lm_head.bits, model.lm_head.group_size)
         model.lm_head = head

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # run as a torchrun worker script
     sys.path.insert(0, str(ROOT))
 
 import stablelm  # noqa: E402
-from stablelm import parallel  # noqa: E402
+from stablelm import ops, parallel  # noqa: E402
 from stablelm.config import StableLMConfig  # noqa: E402
 from stablelm.generate import generate  # noqa: E402
 
@@ -289,6 +289,18 @@ def test_tp1_in_process_equals_plain_and_is_inference_only(checkpoints, world_of
         assert torch.equal(plain(ids), tp(ids))
     with pytest.raises(RuntimeError, match="inference-only"):
         tp(ids)  # grad mode on: the collectives have no backward
+
+
+@pytest.mark.parametrize("name", ["kv2_parallel_tied", "kv1_bias_qkln_vocab97"])
+def test_tp1_runs_the_plain_models_kernels(checkpoints, world_of_one, name):
+    """At TP=1 every product goes through the op the plain model calls, so a batch-1 decode token (where the
+    Triton linear takes its GEMV, not F.linear) gives the same logits bit for bit: the head, tied or not, and a
+    row-parallel bias included."""
+    _, dirs = checkpoints
+    plain, tp = stablelm.load(dirs[name]), stablelm.load(dirs[name], tp=1)
+    one = inputs(plain.config.vocab_size)["one"][:, :1]
+    with torch.no_grad(), ops.using(linear="triton"):
+        assert torch.equal(plain(one), tp(one))
 
 
 def test_tp_must_equal_the_world_size(checkpoints, world_of_one):
