@@ -13,9 +13,10 @@ greedy, no stop ids. Rows per (batch, context):
             layer + 1 all-gather of the logits per step, all inside the captured decode step
 
 step_ms is the recorded decode step alone (DecodeSession.replay, CUDA events, the slowest rank's median),
-overhead_ms = tp - plain, tokens_match whether TP generated the plain model's tokens (at TP=1 required: the same kernels
-run on the same numbers; at TP>1 bf16 partial sums are added in another order, so a near-tie may flip). allreduce_us is one all-reduce of a
-[batch, hidden] bf16 activation, replayed from a CUDA graph of 64 of them (what the step pays per call).
+overhead_ms = tp - plain, tokens_match whether TP generated the plain model's tokens (at TP=1 required: the same
+kernels run on the same numbers; at TP>1 bf16 partial sums are added in another order, so a near-tie may flip).
+allreduce_us is one all-reduce of a [batch, hidden] bf16 activation, replayed from a CUDA graph of 64 of them (what
+the step pays per call).
 
 Run with NVLink multicast off (set here before torch.distributed starts: NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
