@@ -107,14 +107,18 @@ CONTRACTS = {"linear_cross_entropy": _c.Contract(
 # (sum of the chunk's losses, float32 scalar; gradient [c, V] in logits' dtype or None)
 
 def _chunk_ce_torch(logits, labels, scale, ignore_index, need_grad):
+    # One float32 [c, V] buffer does all the work in place (shift, exp, softmax): torch.logsumexp and torch.exp
+    # would each allocate one or two more, which is what the chunking is there to save.
     lf = logits.float()
     valid = labels != ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    lse = torch.logsumexp(lf, dim=-1)
-    loss = ((lse - lf.gather(1, target[:, None])[:, 0]) * valid).sum()
+    lf.sub_(lf.amax(dim=-1, keepdim=True))
+    picked = lf.gather(1, target[:, None])[:, 0]
+    sumexp = lf.exp_().sum(dim=-1)
+    loss = ((sumexp.log() - picked) * valid).sum()
     if not need_grad:
         return loss, None
-    grad = torch.exp(lf.sub_(lse[:, None]))  # softmax, in the float32 copy's memory
+    grad = lf.div_(sumexp[:, None])  # softmax
     grad.scatter_add_(1, target[:, None], -torch.ones_like(grad[:, :1]))
     grad.mul_((valid * scale)[:, None])
     return loss, grad.to(logits.dtype)
