@@ -12,8 +12,9 @@ calls that record / compile):
   stablelm                     stablelm.generate (default ops, CUDA-graph decode session)
   stablelm-eager               the same with cuda_graph=False (what the graphs buy)
   stablelm-torch-compile       the gpt-fast recipe applied to this model: reference ("torch") ops, the decode
-                               step compiled by torch.compile(mode="reduce-overhead") over the same static cache,
-                               through the same DecodeSession (CompileBuilder)
+                               step compiled by torch.compile (inductor) over the same static cache and replayed
+                               from one CUDA graph, through the same DecodeSession (CompileBuilder; inductor's
+                               own "reduce-overhead" graphs skip this step on torch 2.11, see stablelm/graph.py)
   transformers-sdpa            StableLmForCausalLM.generate(), sdpa attention, its default (dynamic) cache
   transformers-static-compile  the same with cache_implementation="static" and compile_config=CompileConfig()
                                (transformers' documented static-cache + torch.compile path; on the CPU it does
@@ -157,12 +158,12 @@ def main(argv=None):
     if args.tiny:
         cfg, rows_spec, new, iters, warmup, timing_iters = preset("tiny"), [(2, 16)], 8, 1, 1, 1
         # CPU smoke run: dynamo traces the step but runs it eagerly (inductor's C++ build would take minutes).
-        compiler = CompileBuilder(backend="eager", mode=None, warmup=1)
+        compiler = CompileBuilder(backend="eager", mode=None, warmup=1, capture=False)
     else:
         cfg, new, iters, warmup = preset(args.preset), args.new_tokens, args.iters, 2
         timing_iters = max(3, iters)
         rows_spec = [tuple(int(v) for v in r.split("x")) for r in args.rows.split(",")]
-        compiler = CompileBuilder(mode="reduce-overhead")
+        compiler = CompileBuilder()  # inductor kernels captured in one CUDA graph
     eager_batches = {int(b) for b in args.eager_batches.split(",")} if not args.tiny else {2}
     if args.quant:
         peers = [p for p in peers if not p.startswith("transformers")]  # transformers runs the float model only

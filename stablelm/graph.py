@@ -7,8 +7,8 @@ of the same (batch, cache length), and a builder turns `run` into the callable t
 
   EagerBuilder      run itself (the CPU, and `cuda_graph=False`)
   CUDAGraphBuilder  run captured in one CUDA graph (the default on CUDA)
-  CompileBuilder    torch.compile(run), e.g. mode="reduce-overhead" (the gpt-fast recipe: inductor kernels
-                    replayed through its own CUDA graphs)
+  CompileBuilder    torch.compile(run), by default captured in one CUDA graph (the gpt-fast recipe: inductor
+                    kernels replayed from a CUDA graph)
 
 `GraphDecodeStep` is the forward-only step (tokens -> logits) captured on first call, for code that drives a
 cache by hand.
@@ -69,23 +69,46 @@ class CUDAGraphBuilder:
 
 
 class CompileBuilder:
-    """The step compiled by torch.compile (default mode "reduce-overhead": inductor kernels in CUDA graphs).
+    """The step compiled by torch.compile: inductor's kernels, then by default captured in one CUDA graph here.
 
-    `static` tensors (the KV cache and the session's buffers, mutated by every step) are marked as static
-    addresses so the compiled CUDA graphs read and write them in place. A few warm-up calls compile and record
-    the graph outside the timed calls; each call marks a new cudagraph-trees step (outputs of the previous call
-    may be overwritten, which the session allows: it copies what it keeps)."""
+    capture=True (the default, CUDA only; mode must not bring inductor's own CUDA graphs): a few warm-up calls
+    compile the step, then `capture` records the compiled step like CUDAGraphBuilder records the eager one, and
+    each call is one replay. This is the gpt-fast recipe (inductor kernels replayed from a CUDA graph) with the
+    graph taken here, as serving engines take theirs: inductor's own "reduce-overhead" CUDA graphs skip this step
+    on torch 2.11 ("skipping cudagraphs due to mutated inputs": the KV-cache writes, although the cache is
+    marked static; bench/NOTES_decode.md), which leaves a compiled step launched op by op from Python.
+    capture=False runs the compiled step directly, e.g. with mode="reduce-overhead" where inductor does keep its
+    graphs: `static` tensors (the KV cache and the session's buffers, mutated by every step) are marked as static
+    addresses, and each call marks a new cudagraph-trees step (outputs of the previous call may be overwritten,
+    which the session allows: it copies what it keeps)."""
 
-    def __init__(self, mode: str | None = "reduce-overhead", backend: str = "inductor", fullgraph: bool = False,
-                 warmup: int = 3):
-        self.mode, self.backend, self.fullgraph, self.warmup = mode, backend, fullgraph, warmup
-        self.name = f"compile-{backend}-{mode}"
+    def __init__(self, mode: str | None = None, backend: str = "inductor", fullgraph: bool = False,
+                 warmup: int = 3, capture: bool = True):
+        if capture and mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"mode={mode!r} brings inductor's own CUDA graphs; capture=True would record them "
+                             f"inside another: pass capture=False, or a mode without CUDA graphs")
+        self.mode, self.backend, self.fullgraph, self.warmup, self.capture = mode, backend, fullgraph, warmup, capture
+        self.name = f"compile-{backend}-{mode or 'default'}" + ("+cuda-graph" if capture else "")
 
     def build(self, run, reset, generators=(), static=()):
+        if self.capture and not all(t.is_cuda for t in static):
+            raise ValueError("CompileBuilder(capture=True) records a CUDA graph: the model and cache must be on a "
+                             "CUDA device (capture=False compiles without one)")
         for t in static:
             torch._dynamo.mark_static_address(t)
         compiled = torch.compile(run, mode=self.mode, backend=self.backend, fullgraph=self.fullgraph,
                                  dynamic=False)
+        if self.capture:
+            for _ in range(self.warmup):  # compile (and autotune) before the capture, which cannot
+                compiled()
+                reset()
+            graph, out = capture(compiled, reset, generators)
+
+            def replay():
+                graph.replay()
+                return out
+            replay.graph = graph
+            return replay
 
         def call():
             torch.compiler.cudagraph_mark_step_begin()

@@ -321,3 +321,16 @@ def test_compiled_reference_step_equals_eager():
         assert torch.equal(session.generate(ids, attention_mask=mask, max_new_tokens=24, stop_ids=[]), eager)
         session.generate(ids, attention_mask=mask, max_new_tokens=24, stop_ids=[])
         assert session.builds == 1
+        # The compiled step is replayed from one CUDA graph (not launched op by op).
+        steps = [step for bucket in session._buckets.values() for step in bucket.steps.values()]
+        assert steps and all(isinstance(step.graph, torch.cuda.CUDAGraph) for step in steps)
+
+
+def test_compile_builder_refuses_what_it_cannot_capture(pair):
+    with pytest.raises(ValueError, match="inductor's own CUDA graphs"):
+        CompileBuilder(mode="reduce-overhead")
+    _, model = pair
+    ids, mask = prompts()
+    session = DecodeSession(model, builder=CompileBuilder(backend="eager"))
+    with pytest.raises(ValueError, match="CUDA device"):
+        session.generate(ids, attention_mask=mask, max_new_tokens=2)
