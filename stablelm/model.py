@@ -58,15 +58,26 @@ class Rotary(nn.Module):
         self.rope_type = config.rope_type
         self.factor = config.rope_factor
         self.max_pos = config.max_position_embeddings
-        inv_freq = self._inv_freq(self.theta)
+        # Computed on the CPU whatever device the model is built on (pow may round differently on a GPU), then
+        # placed where the module is being built: every construction path holds the same numbers.
+        inv_freq = self._inv_freq(self.theta, device="cpu")
         if self.rope_type == "linear":
             inv_freq = inv_freq / self.factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def _inv_freq(self, base, device=None) -> torch.Tensor:
         # Same float32 expression as transformers, so the angles agree bit for bit.
         exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
         return 1.0 / (base ** exponent)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() would round the frequencies (positions x a bf16 frequency drift by
+        # whole radians at long contexts); they follow the device and stay float32.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor):
         inv_freq = self.inv_freq

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # run as a torchrun worker script
     sys.path.insert(0, str(ROOT))
 
 import stablelm  # noqa: E402
-from stablelm import ops, parallel  # noqa: E402
+from stablelm import StableLM, ops, parallel, preset  # noqa: E402
 from stablelm.config import StableLMConfig  # noqa: E402
 from stablelm.generate import generate  # noqa: E402
 
@@ -301,6 +301,19 @@ def test_tp1_runs_the_plain_models_kernels(checkpoints, world_of_one, name):
     one = inputs(plain.config.vocab_size)["one"][:, :1]
     with torch.no_grad(), ops.using(linear="triton"):
         assert torch.equal(plain(one), tp(one))
+
+
+def test_tp1_from_a_bf16_model_in_memory_equals_it(world_of_one):
+    """bench/tp_decode's pairing: the plain model from StableLM.random in bf16, TP=1 from its state dict. Both
+    hold float32 rotary frequencies (a model-wide .to(bf16) used to round the plain one's)."""
+    cfg = preset("tiny")
+    plain = StableLM.random(cfg, dtype=torch.bfloat16)
+    tp = parallel.load_sharded(cfg, None, plain.state_dict(), tp=1, dtype=torch.bfloat16)
+    assert plain.rotary.inv_freq.dtype == tp.rotary.inv_freq.dtype == torch.float32
+    ids = torch.randint(3, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(ids), tp(ids))
+    assert torch.equal(generate(plain, ids, max_new_tokens=8), generate(tp, ids, max_new_tokens=8))
 
 
 def test_tp_must_equal_the_world_size(checkpoints, world_of_one):
