@@ -13,8 +13,8 @@ Implementations:
   "torch"    the reference, exactly the expression above (the full logits in memory).
   "chunked"  torch.autograd.Function: the tokens go through in chunks of `chunk_rows(V)` rows; per chunk the logits
              [c, V] (hidden's dtype) are computed, reduced to the chunk's loss, and turned at once into their gradient
-             (softmax - one-hot) / n_labelled, from which grad_hidden (= g @ W) and grad_weight (+= g^T @ h, float32
-             accumulation over chunks for 16-bit weights) are formed; the chunk's logits are then dropped. The
+             (softmax - one-hot) / n_labelled, from which grad_hidden (= g @ W) and grad_weight (+= g^T @ h, in the
+             weight's dtype: float32 inside each chunk's product, one rounding per chunk) are formed; the chunk's logits are then dropped. The
              gradients are thus computed in the forward (the Liger-Kernel recipe: the loss is the graph's end, so
              d loss only scales them) and backward multiplies them by the incoming scalar. Peak memory: one chunk's
              logits and its float32 softmax instead of all of them; no activation is saved for backward but the
@@ -121,7 +121,7 @@ def _chunk_ce_torch(logits, labels, scale, ignore_index, need_grad):
     grad = lf.div_(sumexp[:, None])  # softmax
     grad.scatter_add_(1, target[:, None], -torch.ones_like(grad[:, :1]))
     grad.mul_((valid * scale)[:, None])
-    return loss, grad.to(logits.dtype)
+    return loss, logits.copy_(grad)  # into the chunk's own logits, as the Triton path writes them
 
 
 @triton.jit
@@ -191,8 +191,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, T, chunk):
             h = hidden[s:s + chunk]
-            logits = F.linear(h, weight, bias)
-            loss, g = chunk_ce(logits, labels[s:s + chunk], scale, ignore_index, need_grad)
+            loss, g = chunk_ce(F.linear(h, weight, bias), labels[s:s + chunk], scale, ignore_index, need_grad)
             total += loss
             if need_h:
                 torch.matmul(g, weight, out=grad_h[s:s + chunk])
@@ -200,6 +199,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h)
             if need_b:
                 grad_b += g.float().sum(0)
+            del g  # before the next chunk's logits: one chunk's buffers alive at a time
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.has = (need_h, need_w, need_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
