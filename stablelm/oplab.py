@@ -239,7 +239,8 @@ def check_op(op: str, fn, device=None, seeds: int = 3, grid: str | None = None, 
              speed: bool = False, name: str = "candidate") -> Report:
     """Check `fn` (a callable or "module:function") as an implementation of `op`; see the module docstring.
 
-    grid: "cpu" (default on the CPU) or "full" (default on a GPU); cases: names or name substrings to keep.
+    grid: "cpu" (default on the CPU) or "full" (default on a GPU); cases: case names (exactly that case) or
+    name substrings (every case containing it) to keep.
     name: what fn is registered as in stablelm.ops for the model and speed checks (a function that already is a
     registered implementation keeps its name). Raises UsageError for a usage mistake; a failing implementation
     never raises, it fails cases (report.failed).
@@ -262,7 +263,8 @@ def check_op(op: str, fn, device=None, seeds: int = 3, grid: str | None = None, 
     selected = con.grid(grid)
     if cases:
         wanted = [cases] if isinstance(cases, str) else list(cases)
-        selected = [c for c in selected if any(w == c.name or w in c.name for w in wanted)]
+        names = {c.name for c in selected}  # a whole case name picks that case alone, not every longer one
+        selected = [c for c in selected if any(w == c.name if w in names else w in c.name for w in wanted)]
         if not selected:
             raise UsageError(f"no {grid}-grid case of {op} matches {wanted}")
     report = Report(op, spec or _label(fn), device, grid, seeds)
@@ -567,7 +569,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="random input draws per case (default 3)")
     p.add_argument("--full", action="store_true", help="every case of the contract (default on cuda; the CPU runs "
                                                          "a small grid)")
-    p.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
+    p.add_argument("--case", action="append", help="only this case (its whole name), or the cases whose name "
+                                                   "contains this (repeatable)")
     p.add_argument("--model", action="store_true", help="also the whole-model verdict against transformers")
     p.add_argument("--speed", action="store_true", help="also the op's speed against every implementation (GPU)")
     p.add_argument("--name", default="candidate", help="name to register the function under (model, speed)")

@@ -88,6 +88,20 @@ def _failed(proc):
     return set(line.split(": ", 2)[2].split(", "))
 
 
+def test_case_selection_by_whole_name_or_substring():
+    names = [c.name for c in oplab.contract("linear").grid("full")]
+    longer = [(a, b) for a in names for b in names if a != b and a in b]
+    assert longer, "the grid has a case name inside another: the exact pick below means something"
+    short, _ = longer[0]
+    exact = oplab.check_op("linear", ops.implementation("linear", "torch"), device="cpu", seeds=1, grid="full",
+                           cases=[short])
+    assert [r.case.name for r in exact.cases] == [short]
+    part = short.split("-")[0]
+    by_part = oplab.check_op("linear", ops.implementation("linear", "torch"), device="cpu", seeds=1, grid="full",
+                             cases=[part])
+    assert {r.case.name for r in by_part.cases} == {n for n in names if part in n}
+
+
 def test_wrong_sign_rotary_fails_every_case():
     proc = check_op_cli("rotary", f"{BROKEN}:rotary_wrong_sign", "--seeds", "1")
     assert _failed(proc) == set(case_names("rotary"))
@@ -206,12 +220,18 @@ def test_model_verdict_fails_the_wrong_gqa_attention():
 # ----------------------------------------------------------------------------------------------------------------
 # GPU (the lead runs these): full grid, model at the 3B shape with speed, op speed
 
+GPU_GRID_SHARDS = 4  # each (op, implementation) grid in interleaved parts, so pytest-xdist spreads the slow ones
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", with_contract())
-def test_gpu_full_grid_every_shipped_implementation(op):
-    for name in ops.available(op):
-        report = oplab.check_op(op, ops.implementation(op, name), device="cuda", seeds=2)
-        assert report.passed, report.table()
+@pytest.mark.parametrize("shard", range(GPU_GRID_SHARDS))
+@pytest.mark.parametrize("op, name", [(op, name) for op in with_contract() for name in ops.available(op)])
+def test_gpu_full_grid_every_shipped_implementation(op, name, shard):
+    cases = [c.name for c in oplab.contract(op).grid("full")][shard::GPU_GRID_SHARDS]
+    if not cases:
+        pytest.skip(f"{op}'s grid has fewer than {shard + 1} cases")
+    report = oplab.check_op(op, ops.implementation(op, name), device="cuda", seeds=2, cases=cases)
+    assert report.passed, report.table()
 
 
 @pytest.mark.gpu
