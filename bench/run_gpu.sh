@@ -21,9 +21,13 @@ for s in $steps; do
   case $s in
     tests)   # Triton compilation dominates the GPU tests: spread them over processes when pytest-xdist is there.
              # The contract tests run their full grid on CUDA; the parallel and tutorial tests have GPU branches.
-             step python -m pytest -q -m gpu tests -p no:cacheprovider -rf $par 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-             step python -m pytest -q tests/test_contracts.py tests/test_parallel.py tests/test_tutorial.py \
-               -p no:cacheprovider -rf $par 2>&1 | tee "$OUT/gpu_tests_grid.log" | tail -15 ;;
+             # -v names each result as it lands, so a step cut by its timeout still says which tests failed
+             # (a -q summary prints only at the end); the whole log is kept under $OUT.
+             step python -m pytest -v -m gpu tests -p no:cacheprovider -rf $par -W ignore 2>&1 \
+               | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed"
+             step python -m pytest -v tests/test_contracts.py tests/test_parallel.py tests/test_tutorial.py \
+               -p no:cacheprovider -rf $par -W ignore 2>&1 | tee "$OUT/gpu_tests_grid.log" \
+               | grep -E "FAILED|ERROR|passed|failed" ;;
     decode)  step python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
     quant)   for q in int8 int4; do
                step python -m bench.decode --quant $q --rows 1x128,8x512 --peers none --out "$OUT/decode_${q}_${TAG}.json"
