@@ -1,7 +1,7 @@
 """Kernel lab: is a new implementation of an op right, and is it faster? One call answers both.
 
     python -m stablelm check-op rotary my_kernels:rotary [--device cpu|cuda] [--seeds N] [--json OUT]
-                                [--full] [--case SUBSTRING] [--model] [--speed] [--name NAME]
+                                [--full] [--case NAME] [--model] [--speed] [--name NAME]
 
     from stablelm.oplab import check_op
     report = check_op("rotary", my_rotary, model=True)   # -> Report; report.passed, report.table()
