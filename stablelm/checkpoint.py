@@ -3,9 +3,13 @@
 The converted format is a directory with `model.safetensors` (project names: fused `qkv` and `gate_up`; its
 metadata records the LAYOUT_FIELDS the weights were converted with, checked against config.json on load),
 `config.json` ({"format": "stablelm", "version": 1, "config": StableLMConfig fields, "quantization": null or
-{"bits", "group_size"[, "format": "nf4"]}}), the tokenizer files copied from the source (chat_template.jinja included) and
-`.stablelm-output.json`, the list of what was written. The tensor layout mapping and the reading of Hugging Face
-directories are stablelm/convert.py's.
+{"bits", "group_size"[, "format": "nf4"][, "lm_head": true]}}), the tokenizer files copied from the source
+(chat_template.jinja included) and `.stablelm-output.json`, the list of what was written. The tensor layout mapping
+and the reading of Hugging Face directories are stablelm/convert.py's.
+
+"lm_head": true (`convert --quant ... --quantize-head`) means the causal LM's head is quantized as the other linear
+layers are; a tied checkpoint then stores a quantized copy of the embedding table as `lm_head.*` beside the float
+`embed.weight` (stablelm/quantize.py says why). Without it the head stays float.
 
 Every directory is written by `atomic_dir`: into a temporary beside it, renamed into place at the end, removed on
 an error or SIGTERM/SIGHUP/SIGINT; it never replaces a file, the source, or a non-empty directory it did not write.
@@ -32,7 +36,7 @@ from .config import StableLMConfig
 from .convert import (LAYOUT_FIELDS, CheckpointError, check_finite_tensor, check_tensors, hf_to_project,
                       meta_model, project_to_hf, read_hf_tensors, read_json, read_tensor_file, tensor_file_metadata)
 from .model import Rotary
-from .quantize import quantize_model, quantize_state_dict
+from .quantize import quantize_kwargs, quantize_model, quantize_state_dict
 
 FORMAT = "stablelm"
 VERSION = 1
@@ -83,17 +87,19 @@ def read_project_header(path: str | Path):
 
 
 def _quantization(quant, path: Path) -> dict | None:
-    """config.json's quantization entry, checked: null, or {"bits": 8 | 4, "group_size": int > 0[, "format"]}."""
+    """config.json's quantization entry, checked: null, or {"bits": 8 | 4, "group_size": int > 0[, "format"]
+    [, "lm_head": bool]}."""
     if quant is None:
         return None
     fmt = quant.get("format", "int") if isinstance(quant, dict) else None
     ok = (isinstance(quant, dict) and fmt in ("int", "nf4")
           and quant.get("bits") in ((8, 4) if fmt == "int" else (4,)) and type(quant.get("bits")) is int
           and (quant.get("group_size") is None and quant.get("bits") == 8
-               or type(quant.get("group_size")) is int and quant["group_size"] > 0))
+               or type(quant.get("group_size")) is int and quant["group_size"] > 0)
+          and type(quant.get("lm_head", False)) is bool)
     if not ok:
         raise CheckpointError(f"{path}: quantization must be null or {{\"bits\": 8 | 4, \"group_size\": int > 0"
-                              f"[, \"format\": \"nf4\"]}}, got {quant!r}")
+                              f"[, \"format\": \"nf4\"][, \"lm_head\": true | false]}}, got {quant!r}")
     return quant
 
 
@@ -303,30 +309,48 @@ def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- converting directories
+def quantization_entry(quant: str | None, group_size: int | None = None,
+                       quantize_head: bool = False) -> dict | None:
+    """config.json's quantization entry of a conversion with `quant` ("int8" / "int4" / "nf4", or None), int4's
+    `group_size` (default INT4_GROUP_SIZE) and `quantize_head` (the lm_head quantized too); ValueError for a
+    combination that means nothing."""
+    if group_size is not None and quant != "int4":
+        raise ValueError(f"group_size applies to int4 quantization only (got quant={quant!r})")
+    if quantize_head and quant is None:
+        raise ValueError("quantize_head needs a quantization format (quant int8 / int4 / nf4): the head is "
+                         "quantized as the other linear layers are")
+    if quant is None:
+        return None
+    if quant == "nf4":
+        entry = {"bits": QUANT_BITS[quant], "group_size": NF4_BLOCK_SIZE, "format": "nf4"}
+    else:
+        bits = QUANT_BITS[quant]
+        entry = {"bits": bits, "group_size": INT4_GROUP_SIZE if bits == 4 and group_size is None else group_size}
+    if quantize_head:  # only then: an entry without the key is a float head, as in older checkpoints
+        entry["lm_head"] = True
+    return entry
+
+
 def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, quant: str | None = None,
-                   group_size: int | None = None, overwrite: bool = False, progress: bool = False) -> None:
+                   group_size: int | None = None, overwrite: bool = False, progress: bool = False,
+                   quantize_head: bool = False) -> None:
     """Write the converted form of the Hugging Face checkpoint `src` to `dst`, with its tokenizer files.
 
     dtype: a DTYPES key (a value that overflows it is an error naming the tensor); quant: "int8" / "int4" / "nf4",
     weight-only, of the linear layers; group_size: int4's (default INT4_GROUP_SIZE), meaningless for int8;
-    progress: bars on stderr while reading and converting.
+    quantize_head: the causal LM's lm_head too (a tied one: a quantized copy of the embedding table; the
+    embedding itself stays float); progress: bars on stderr while reading and converting.
     """
-    if group_size is not None and quant != "int4":
-        raise ValueError(f"group_size applies to int4 quantization only (got quant={quant!r})")
+    quantization = quantization_entry(quant, group_size, quantize_head)
     src = Path(src).expanduser()
     with atomic_dir(dst, overwrite, src=src) as out:
         cfg, tensors = read_hf_dir(src, progress)
+        if quantize_head and cfg.architecture != "StableLmForCausalLM":
+            raise ValueError(f"{src} is a {cfg.architecture}, which has no LM head to quantize (--quantize-head "
+                             f"applies to StableLmForCausalLM checkpoints)")
         tensors = _cast(tensors, dtype, progress)
-        quantization = None
-        if quant is not None:
-            bits = QUANT_BITS[quant]
-            if quant == "nf4":
-                tensors = quantize_state_dict(tensors, bits, NF4_BLOCK_SIZE, fmt="nf4")
-                quantization = {"bits": bits, "group_size": NF4_BLOCK_SIZE, "format": "nf4"}
-            else:
-                group_size = INT4_GROUP_SIZE if bits == 4 and group_size is None else group_size
-                tensors = quantize_state_dict(tensors, bits, group_size)
-                quantization = {"bits": bits, "group_size": group_size}
+        if quantization is not None:
+            tensors = quantize_state_dict(tensors, **quantize_kwargs(quantization))
         write_project_dir(out, cfg, tensors, quantization)
         copy_tokenizer_files(src, out)
 
@@ -338,7 +362,10 @@ def export_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, ov
     with atomic_dir(dst, overwrite, src=src) as out:
         cfg, quantization, tensors = read_project_dir(src)
         if quantization:
-            raise ValueError(f"{src} is quantized ({quantization}); --to-hf needs an unquantized checkpoint")
+            # Dequantizing would write rounded weights as if they were the originals, so there is no way back.
+            head = " (its lm_head too)" if quantization.get("lm_head") else ""
+            raise ValueError(f"{src} is quantized{head} ({quantization}); --to-hf needs an unquantized checkpoint: "
+                             f"convert the Hugging Face source again without --quant")
         tensors = _cast(project_to_hf(tensors, cfg), dtype, progress)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -400,11 +427,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     else:
         cfg, quant, tensors = read_project_dir(path, check_finite=check_finite)
     try:
-        model = meta_model(cfg)
+        model = skeleton(cfg, quant)
     except CheckpointError as e:
         raise CheckpointError(f"{path}/config.json: {e}") from e
-    if quant:
-        quantize_model(model, quant["bits"], quant["group_size"], fmt=quant.get("format", "int"))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_tensors(tensors, expected, str(path))
     if dtype is not None:
@@ -422,6 +447,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=True)
     model.rotary = Rotary(cfg).to(device)  # its non-persistent table was built on the meta device
     return model.eval()
+
+
+def skeleton(cfg: StableLMConfig, quant: dict | None = None, dtype: torch.dtype | None = None):
+    """The model a converted checkpoint of `cfg` with quantization entry `quant` loads into, on the meta device
+    (no memory), its floats in `dtype` (None: float32): its state dict has the names, shapes and dtypes of the
+    tensors a conversion to that dtype writes (bench/sizes.py counts their bytes)."""
+    model = meta_model(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    if quant:
+        quantize_model(model, **quantize_kwargs(quant))
+    return model
 
 
 def _is_float_param(name: str, quant) -> bool:

@@ -6,7 +6,8 @@
                                 [--no-check-finite]
     python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
     torchrun --nproc-per-node N -m stablelm generate --model DIR --tp N --prompt "..."   # tensor parallel
-    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4|nf4] [--group-size G] [--to-hf] [--overwrite]
+    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4|nf4 [--quantize-head]] [--group-size G]
+                               [--to-hf] [--overwrite]
     python -m stablelm info --model DIR
     python -m stablelm check-op OP MODULE:FUNCTION [--device cpu|cuda] [--json OUT] [--seeds N] [--model] [--speed]
 
@@ -256,6 +257,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "(default: none)")
     parser.add_argument("--group-size", type=int,
                         help=f"int4 group size along the input dim (default {INT4_GROUP_SIZE}; int4 only)")
+    parser.add_argument("--quantize-head", action="store_true",
+                        help="with --quant: quantize the causal LM's lm_head too (tied embeddings: a quantized copy "
+                             "of the table is the head, the embedding stays float); default: the head stays float")
     parser.add_argument("--to-hf", action="store_true", help="convert a converted directory back to transformers")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST if it is an earlier conversion's output or an empty directory")
@@ -272,11 +276,15 @@ def run_convert(args, parser) -> int:
     if args.group_size is not None and args.quant != "int4":
         parser.error("--group-size applies to --quant int4 only (int8 has one scale per output row)")
     if args.to_hf:
-        if args.quant:
-            parser.error("--quant applies to HF -> project conversion only")
+        if args.quant or args.quantize_head:
+            parser.error("--quant and --quantize-head apply to HF -> project conversion only")
         export_hf_dir(args.src, args.dst, args.dtype, args.overwrite, progress=True)
     else:
-        convert_hf_dir(args.src, args.dst, args.dtype, args.quant, args.group_size, args.overwrite, progress=True)
+        if args.quantize_head and args.quant is None:
+            parser.error("--quantize-head needs --quant int8|int4|nf4 (it quantizes the lm_head as the other "
+                         "linear layers)")
+        convert_hf_dir(args.src, args.dst, args.dtype, args.quant, args.group_size, args.overwrite, progress=True,
+                       quantize_head=args.quantize_head)
     print(f"wrote {args.dst}")
     return 0
 

@@ -2,14 +2,15 @@
 quantize_model (module surgery, in place) and quantize_state_dict (the same change on a bare state dict, for the
 converter). The formats, kernels and accuracy bounds are in kernels/quant.py.
 
-The lm_head is skipped by default; skip=() quantizes it too. A StableLM with tied embeddings has no lm_head module
-(its forward multiplies by the embedding table), so quantizing the head gives it one: a QuantLinear quantized from
-the embedding table, while `embed` stays the float table. The lookup needs float rows (quantizing the inputs of
-the first layer as well would add the table's rounding error to every activation, and nn.Embedding cannot read the
-packed format), and it reads only one row per token, while the head reads the whole table every decode step:
-the quantized copy costs 1 (int8) / 0.5 + 8 / group_size (int4) bytes per table entry of residency next to the
-float table, and saves that step most of the head's bytes. A state dict then holds both `embed.weight` and
-`lm_head.qweight` (+ scales, zeros), as quantize_state_dict writes it.
+The lm_head is skipped by default; skip=() quantizes it too (a converted checkpoint made with `convert
+--quantize-head` records that as "lm_head": true in its quantization entry, read by quantize_kwargs). A StableLM with
+tied embeddings has no lm_head module (its forward multiplies by the embedding table), so quantizing the head gives
+it one: a QuantLinear quantized from the embedding table, while `embed` stays the float table. The lookup needs float
+rows (quantizing the inputs of the first layer as well would add the table's rounding error to every activation, and
+nn.Embedding cannot read the packed format), and it reads only one row per token, while the head reads the whole
+table every decode step: the quantized copy costs 1 (int8) / 0.5 + 8 / group_size (int4) bytes per table entry of
+residency next to the float table, and saves that step most of the head's bytes. A state dict then holds both
+`embed.weight` and `lm_head.qweight` (+ scales, zeros), as quantize_state_dict writes it.
 
 Formats: fmt="int" is kernels/quant.py's int8 (bits 8) / int4 (bits 4, group_size along K), held by QuantLinear;
 fmt="nf4" is kernels/nf4.py's NF4 with double-quantized block scales (bits 4, group_size = the block size, 64 by
@@ -103,6 +104,17 @@ FORMATS = ("int", "nf4")
 # The output heads stay float by default: lm_head is one layer that every token's logits go through, and a
 # classifier's score head is tiny (num_labels rows), so quantizing it saves nothing.
 DEFAULT_SKIP = ("lm_head", "score")
+# A converted checkpoint with its lm_head quantized too (`convert --quantize-head`): the score head stays float.
+HEAD_QUANTIZED_SKIP = tuple(s for s in DEFAULT_SKIP if s != "lm_head")
+
+
+def quantize_kwargs(quant: dict) -> dict:
+    """quantize_model / quantize_state_dict keyword arguments for a converted checkpoint's quantization entry
+    (config.json's {"bits", "group_size"[, "format"][, "lm_head"]}, written by stablelm/checkpoint.py; read here,
+    below checkpoint.py, so that stablelm/parallel.py, which checkpoint.py imports, can read it too). A missing
+    "lm_head" is a float head, as every checkpoint written before the option has."""
+    return {"bits": quant["bits"], "group_size": quant["group_size"], "fmt": quant.get("format", "int"),
+            "skip": HEAD_QUANTIZED_SKIP if quant.get("lm_head") else DEFAULT_SKIP}
 
 
 def _check_fmt(fmt: str, bits) -> None:
