@@ -60,7 +60,7 @@ from . import ops
 from .config import StableLMConfig
 from .convert import CheckpointError, check_tensors
 from .model import Linear, Rotary, StableLM
-from .quantize import QuantLinear, quantize_model
+from .quantize import QuantLinear, quantize_kwargs, quantize_model
 
 TIMEOUT_ENV = "STABLELM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -169,6 +169,9 @@ class Shard(NamedTuple):
         vocab = range(min(V, rank * chunk), min(V, (rank + 1) * chunk))
         if not len(vocab):
             raise ValueError(f"tp={size}: vocab_size={V} is too small to give every rank vocabulary rows")
+        if quant and quant.get("format", "int") != "int":
+            raise ValueError(f"tensor parallelism slices the int8 / int4 formats; this checkpoint is "
+                             f"{quant['format']}: load it without tp=, or convert the model with --quant int8 / int4 to shard it")
         if quant and quant.get("bits") == 4:
             g = quant["group_size"]
             for layer, k_local in (("attn.o", h * cfg.head_dim), ("mlp.down", i)):
@@ -319,7 +322,7 @@ def _local_model(rcfg: RankConfig, shard: Shard, quant: dict | None) -> StableLM
     with torch.device("meta"):
         model = StableLM(rcfg)
     if quant:
-        quantize_model(model, quant["bits"], quant["group_size"])
+        quantize_model(model, **quantize_kwargs(quant))  # the head too when the checkpoint quantized it
     if model.lm_head is not None:
         # The project's Linear (ops.linear), as the plain model's head: the same kernel, hence at TP=1 the same
         # logits bit for bit (cuBLAS and the decode GEMV round differently).

@@ -316,6 +316,28 @@ def test_tp1_from_a_bf16_model_in_memory_equals_it(world_of_one):
     assert torch.equal(generate(plain, ids, max_new_tokens=8), generate(tp, ids, max_new_tokens=8))
 
 
+@pytest.mark.parametrize("quant", [["--quant", "int8"], ["--quant", "int4", "--group-size", "32"]])
+def test_tp1_loads_a_quantized_head(tmp_path, world_of_one, quant):
+    """A checkpoint converted with --quantize-head: the rank's head is the quantized one, sliced by vocab rows."""
+    import convert_weights
+    from hf_utils import hf_model
+
+    hf_model(seed=5, num_key_value_heads=2, intermediate_size=128).save_pretrained(tmp_path / "hf")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), *quant, "--quantize-head"])
+    plain, tp = stablelm.load(tmp_path / "q"), stablelm.load(tmp_path / "q", tp=1)
+    assert type(tp.lm_head.local) is type(plain.lm_head)
+    ids = inputs(plain.config.vocab_size)["batch"]
+    with torch.no_grad():
+        assert torch.equal(plain(ids), tp(ids))
+
+
+def test_tp_refuses_nf4_by_name():
+    cfg = StableLMConfig(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+                         vocab_size=100)
+    with pytest.raises(ValueError, match="nf4"):
+        parallel.Shard.of(cfg, 0, 2, {"bits": 4, "group_size": 64, "format": "nf4"})
+
+
 def test_tp_must_equal_the_world_size(checkpoints, world_of_one):
     _, dirs = checkpoints
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
