@@ -2,6 +2,7 @@
 
     python -m bench.report_train [--batch-size 8] [--steps 50] [--rows a,b] [--out bench/results/report_train_h200.json]
     python -m bench.report_train --tiny        # tiny LM + tiny Swin on the CPU in fp32 (smoke run, seconds)
+    python -m bench.report_train --rows stablelm-lora-peft,stablelm-lora-peft-compile,transformers-lora
 
 Ours: vision.pipeline's ReportModel with the StableLM-3B shape (random weights, bf16) and a random Swin-base encoder
 (bf16), frozen encoder, projector trained in float32, the default `stablelm.ops` (Triton on CUDA). Transformers: the
@@ -15,6 +16,11 @@ Rows (--rows, comma separated; default all), each with its peer (speedup = peer 
   stablelm-lora-peft       LoRA r 16 / alpha 16 / dropout 0.1 on q/k/v/o/gate/up/down (peft's layout and
                            count), computed through the fused qkv / gate_up (stablelm/lora.py separate=True);
                            peer transformers-lora
+  stablelm-lora-peft-compile  the same with the LM part of the loss under torch.compile (ReportModel.compile_loss:
+                           reference ops + SDPA traced into one graph; --compile-mode, default reduce-overhead, i.e.
+                           inductor's kernels replayed from CUDA graphs; --tiny: the aot_eager backend, so the smoke
+                           run stays quick); peer transformers-lora, and reported against stablelm-lora-peft
+                           (speedup_vs_eager)
   stablelm-lora-fused      one adapter per fused qkv / o / gate_up / down (4 per layer); peer transformers-lora
   stablelm-lora-peft-ckpt  the peft layout with gradient checkpointing; peer transformers-lora-ckpt
   stablelm-full            full fine-tuning of the LM (AdamW, float32 master weights, as ReportModel keeps every
@@ -27,12 +33,14 @@ Rows (--rows, comma separated; default all), each with its peer (speedup = peer 
 One step = forward (loss) + backward + AdamW step + zero_grad on B studies of 2 random 224x224 images and
 synthetic reports of ~60 words (max_length 100 report tokens); the same batch every step. Each row runs in its own
 phase (the previous model freed first). Per row: step times of --steps steps after 3 warm-up steps (CUDA events
-around each step; CPU: perf_counter): median, p10, p90; tokens/s counting every position of the padded sequence;
-GPU-busy time: the summed durations of the device kernels (and copies) of 5 further steps under torch.profiler,
-per step, over the median step time (a launch-bound step shows a low fraction); peak VRAM since the phase began,
-against the budget the issue names: resident weights (quantized where they are) + trained-tensor state (float32
-weight, gradient and two AdamW moments: 16 bytes per trained parameter) + activations (memory held by the graph
-after a forward, measured); trainable parameters; the loss at step 0 (eval mode) and after the timed steps.
+around each step; CPU: perf_counter): median, p10, p90; compile_s: the wall seconds of the step-0 loss and the
+warm-up steps, where a compiled row compiles and records its graphs (excluded from the step times); tokens/s
+counting every position of the padded sequence; GPU-busy time: the summed durations of the device kernels (and
+copies) of 5 further steps under torch.profiler, per step, over the median step time (a launch-bound step shows a
+low fraction); peak VRAM since the phase began, against the budget the issue names: resident weights (quantized
+where they are) + trained-tensor state (float32 weight, gradient and two AdamW moments: 16 bytes per trained
+parameter) + activations (memory held by the graph after a forward, measured); trainable parameters; the loss at
+step 0 (eval mode) and after the timed steps.
 """
 from __future__ import annotations
 
@@ -56,7 +64,7 @@ from stablelm.lora import apply_lora, make_optimizer
 from stablelm.quantize import quantize_model
 from stablelm.tokenizer import Tokenizer
 from vision.pipeline import ENCODER_PRESETS, build_tokenizer
-from vision.report_model import ReportConfig, ReportModel
+from vision.report_model import COMPILE_MODES, ReportConfig, ReportModel, check_compile
 from vision.swin import SwinEncoder
 from vision.swin_checkpoint import convert_hf_state_dict
 from vision.synthetic import sample_findings, write_report
@@ -67,11 +75,12 @@ WARMUP = 3
 TOKENIZER_VOCAB = 1024  # a BPE on the synthetic reports saturates well below this
 HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROFILED_STEPS = 5
-COLUMNS = ["impl", "batch", "step_ms", "p10_ms", "p90_ms", "gpu_busy", "kernels_per_step", "tokens_per_s",
-           "peak_vram_gib", "peak_vs_budget", "trainable_params", "speedup", "loss_step0", "loss_last"]
+COLUMNS = ["impl", "batch", "step_ms", "p10_ms", "p90_ms", "compile_s", "gpu_busy", "kernels_per_step",
+           "tokens_per_s", "peak_vram_gib", "peak_vs_budget", "trainable_params", "speedup", "loss_step0", "loss_last"]
 # name -> (side, settings). quant: (bits, group on the GPU, group for --tiny (its 352 intermediate), format).
 ROWS = {
     "stablelm-lora-peft": ("ours", dict(lm_mode="lora", lora_layout="peft")),
+    "stablelm-lora-peft-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", compile=True)),
     "stablelm-lora-fused": ("ours", dict(lm_mode="lora", lora_layout="fused")),
     "stablelm-lora-peft-ckpt": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True)),
     "stablelm-full": ("ours", dict(lm_mode="full")),
@@ -82,7 +91,8 @@ ROWS = {
     "transformers-lora-ckpt": ("hf", dict(lm_mode="lora", gradient_checkpointing=True)),
     "transformers-full": ("hf", dict(lm_mode="full")),
 }
-PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-fused": "transformers-lora",
+PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile": "transformers-lora",
+         "stablelm-lora-fused": "transformers-lora",
          "stablelm-lora-peft-ckpt": "transformers-lora-ckpt", "stablelm-full": "transformers-full",
          "stablelm-qlora-int8": "transformers-lora", "stablelm-qlora-int4": "transformers-lora",
          "stablelm-qlora-nf4": "transformers-lora"}
@@ -158,9 +168,10 @@ def lm_base_weights(lm: StableLM) -> dict:
 
 
 def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, settings: dict, seed: int, swin_state,
-               tiny: bool, device, dtype) -> ReportModel:
+               tiny: bool, device, dtype, compile_with: tuple[str, str] | None = None) -> ReportModel:
     """Our ReportModel for one row: the random LM of `seed` (the same weights every row), quantized in place for the
-    QLoRA rows before the adapters go on, and the converted transformers Swin."""
+    QLoRA rows before the adapters go on, and the converted transformers Swin. compile_with: (mode, backend) of
+    ReportModel.compile_loss for the rows that compile."""
     lm = StableLM.random(lm_config, seed=seed, device=device, dtype=dtype)
     quant = settings.get("quant")
     if quant:
@@ -169,12 +180,14 @@ def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, setti
     encoder = SwinEncoder(encoder_config).to(device)
     encoder.load_state_dict(convert_hf_state_dict(swin_state, encoder_config))
     encoder.to(dtype)
-    config = dataclasses.replace(report, **{k: v for k, v in settings.items() if k != "quant"})
+    config = dataclasses.replace(report, **{k: v for k, v in settings.items() if k not in ("quant", "compile")})
     torch.manual_seed(seed)  # the projector's (and adapters') initialisation: the same in every row
     model = ReportModel(encoder, lm, tokenizer, config).to(device)
     for p in model.parameters():  # float32 master weights for whatever trains, as vision.pipeline.build_model
         if p.requires_grad:
             p.data = p.data.float()
+    if settings.get("compile"):
+        model.compile_loss(*compile_with)
     return model
 
 
@@ -314,6 +327,7 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     model.eval()  # no dropout / stochastic depth: the two implementations must give the same loss here
     with torch.no_grad():
         loss0 = model(images, reports).item()
@@ -331,6 +345,7 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
     for _ in range(WARMUP if cuda else 1):  # --tiny: one warm-up step keeps the smoke run short
         step()
     _sync(cuda)
+    compile_s = time.perf_counter() - t0
     times = step_times(step, steps, cuda)
     loss_last = last["loss"].item()
     busy_ms, kernels = gpu_busy_ms(step, PROFILED_STEPS, cuda)
@@ -341,7 +356,7 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
     peak = torch.cuda.max_memory_allocated() if cuda else None
     batch = images.shape[0]
     row = dict(impl=impl, batch=batch, seq_len=seq, steps=steps, step_ms=ms, p10_ms=percentile(times, 10),
-               p90_ms=percentile(times, 90), gpu_busy_ms=busy_ms,
+               p90_ms=percentile(times, 90), compile_s=compile_s, gpu_busy_ms=busy_ms,
                gpu_busy=None if busy_ms is None else busy_ms / ms, kernels_per_step=kernels,
                tokens_per_s=batch * seq * 1e3 / ms, peak_vram_gib=None if peak is None else peak / 2**30,
                weights_gib=weights / 2**30, trained_state_gib=16 * trained / 2**30,
@@ -364,6 +379,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, help="studies per step (default 8; --tiny: 2)")
     ap.add_argument("--steps", type=int, help="timed steps after 3 warm-up steps (default 50; --tiny: 2)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of {', '.join(ROWS)}")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES,
+                    help="torch.compile mode of the -compile row (default: reduce-overhead with inductor, else "
+                         "default)")
+    ap.add_argument("--compile-backend", help="torch.compile backend of the -compile row (default: inductor; --tiny: "
+                                              "aot_eager, which compiles in seconds on the CPU)")
     ap.add_argument("--hf-lora", choices=["auto", "peft", "stablelm.lora"], default="auto",
                     help="LoRA on the transformers side (auto: peft when installed)")
     ap.add_argument("--seed", type=int, default=0)
@@ -375,6 +395,12 @@ def main(argv=None) -> dict:
         ap.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
 
     cuda, device, dtype = bench_device(ap, args.tiny)
+    compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    compile_mode = args.compile_mode or ("reduce-overhead" if compile_backend == "inductor" else "default")
+    try:
+        check_compile(compile_mode, compile_backend)
+    except ValueError as e:
+        ap.error(f"--compile-mode / --compile-backend: {e}")
     lm_preset, encoder_preset = ("tiny", "tiny") if args.tiny else ("stablelm-3b-4e1t", "swin-base")
     batch = args.batch_size or (2 if args.tiny else 8)
     steps = args.steps or (2 if args.tiny else 50)
@@ -401,7 +427,7 @@ def main(argv=None) -> dict:
         backend = "stablelm.lora"
         if side == "ours":
             model = build_ours(lm_config, encoder_config, tokenizer, report, settings, args.seed, swin_state,
-                               args.tiny, device, dtype)
+                               args.tiny, device, dtype, (compile_mode, compile_backend))
         else:
             if lm_weights is None:
                 plain = StableLM.random(lm_config, seed=args.seed, device=device, dtype=dtype)
@@ -416,6 +442,8 @@ def main(argv=None) -> dict:
                                                 tokenizer, report, args.hf_lora, device, dtype, settings)
         row = measure(name, model, images, reports, steps, cuda)
         row["lora_backend"] = backend
+        if settings.get("compile"):
+            row.update(compile_mode=compile_mode, compile_backend=compile_backend)
         rows.append(row)
         del model
         free(cuda)
@@ -426,6 +454,8 @@ def main(argv=None) -> dict:
         row["peer"] = peer["impl"] if peer else None
         row["speedup"] = peer["step_ms"] / row["step_ms"] if peer else None
         base = by_name.get("stablelm-lora-peft")
+        if row["impl"] == "stablelm-lora-peft-compile" and base:
+            row["speedup_vs_eager"] = base["step_ms"] / row["step_ms"]
         if row["impl"].startswith("stablelm-qlora") and base:
             row["step_vs_bf16_lora"] = row["step_ms"] / base["step_ms"]
             row["loss_last_rel_vs_bf16_lora"] = abs(row["loss_last"] - base["loss_last"]) / abs(base["loss_last"])

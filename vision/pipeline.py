@@ -49,7 +49,7 @@ from stablelm.tokenizer import Tokenizer
 from . import distributed
 from .data import ReportDataset, collate_reports
 from .metrics import METRICS, compute_scores, meteor_backend, weighted_score
-from .report_model import ReportConfig, ReportModel
+from .report_model import COMPILE_MODES, ReportConfig, ReportModel, check_compile
 from .swin import SwinEncoder, swin_base_224, swin_tiny_test
 from .swin_checkpoint import load_converted, load_hf_swin
 
@@ -82,6 +82,14 @@ class TrainConfig:
         "choices": distributed.DATA_PARALLEL,
         "help": "under torchrun: DDP over the trained tensors, or FSDP2 fully_shard; auto = fsdp for --lm-mode "
                 "full, ddp otherwise"})
+    compile: str | None = field(default=None, metadata={
+        "choices": COMPILE_MODES,
+        "help": "run the LM part of the loss (projector, prompt, StableLM + adapters, head + loss) under "
+                "torch.compile in this mode (reduce-overhead: also CUDA graphs); unset: eager. The first steps "
+                "compile (minutes on a GPU); not under FSDP"})
+    compile_backend: str = field(default="inductor", metadata={
+        "help": "torch.compile backend of --compile; only inductor takes the CUDA-graph / autotune modes "
+                "(aot_eager, eager: quick CPU checks)"})
 
     def __post_init__(self):
         def bad(name, why):
@@ -94,6 +102,10 @@ class TrainConfig:
             bad("workers", "must be >= 0")
         if self.data_parallel not in distributed.DATA_PARALLEL:
             bad("data_parallel", f"choose one of {distributed.DATA_PARALLEL}")
+        try:
+            check_compile(self.compile, self.compile_backend)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig: {e}") from None
         if self.val_limit is not None and self.val_limit < 1:
             bad("val_limit", "must be >= 1 (or unset for the whole split)")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -447,8 +459,15 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
     run = load_run_checkpoint(resume) if resume else None
     if run is not None:
         require_resume_state(run)
+    if config.compile is not None and ranks.distributed and distributed.resolve_mode(
+            config.data_parallel, spec["report"]["lm_mode"]) == "fsdp":
+        # FSDP2's per-block hooks would have to be traced into the graph: not supported here.
+        raise ValueError("TrainConfig.compile: not supported under FSDP (--data-parallel fsdp, or auto with "
+                         "--lm-mode full); use --data-parallel ddp or leave --compile unset")
     torch.manual_seed(config.seed)
     model = build_model(spec, device, spec["precision"])
+    if config.compile is not None:
+        model.compile_loss(config.compile, config.compile_backend)
     wrapped = distributed.wrap(model, ranks, config.data_parallel)
     sampler = distributed.train_sampler(train_set, ranks, config.seed)
     # The DataLoader's own generator: iterating a DataLoader draws a seed, which must not come from the global

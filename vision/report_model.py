@@ -5,6 +5,11 @@ Input embeddings for training are `[bos, prompt_before, visual_tokens, prompt_af
 -100 everywhere but the report tokens (padding included, found from the attention mask because the pad id is
 the end id). Generation starts from `[bos, prompt_before, visual_tokens, prompt_after]` and goes through
 stablelm.generate with input embeddings, so it uses the same KV cache, kernels and beam search as text.
+
+Training can run the LM part of the loss compiled (`compile_loss`, TrainConfig.compile): the eager step launches
+thousands of small kernels and leaves the GPU idle between them; under torch.compile the projector, prompt wrap,
+StableLM with its adapters, head and loss become one graph of fused kernels (in reduce-overhead mode replayed
+from CUDA graphs). The frozen encoder stays eager.
 """
 from __future__ import annotations
 
@@ -12,14 +17,16 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo
+import torch._inductor
+import torch.nn.functional as F
 from torch import nn
 
+from stablelm import ops
 from stablelm.generate import GenerationConfig, generate
-
-from stablelm.lora import LM_TARGETS, peft_targets
+from stablelm.lora import LM_TARGETS, apply_lora, peft_targets
+from stablelm.model import StableLM, StableLMModel
 from stablelm.quantize import QUANTIZED_LINEARS
-
-from stablelm.lora import apply_lora
 
 PROMPT_TEMPLATE = "Human: <Img><ImageHere></Img> {instruction} \nAssistant:"
 DEFAULT_INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
@@ -33,6 +40,25 @@ LORA_LAYOUTS = ("fused", "peft")
 GENERATION_OUTPUT = {"num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
                      "output_logits": False}
 GENERATION_SET_BY_MODEL = ("stop_ids", "pad_id", *GENERATION_OUTPUT)
+# torch.compile modes of the compiled LM loss (ReportModel.compile_loss): inductor's own list.
+COMPILE_MODES = tuple(torch._inductor.list_mode_options())
+# The op implementations inside the compiled LM loss. The default CUDA ops are Triton kernels behind
+# autograd.Functions, launched from Python: inductor could not fuse across them, and dynamo does not trace their
+# launchers (tried on the CPU through the interpreter: tracing fails in Triton's launcher; not tried on CUDA). The
+# pure-PyTorch references trace into one graph that inductor fuses and generates kernels for; attention takes SDPA,
+# which inductor calls as the flash / memory-efficient kernel (the reference materialises a float32 score matrix).
+COMPILED_OPS = {**{op: "torch" for op in ops.CUDA_PREFERENCE}, "attention": "sdpa"}
+
+
+def check_compile(mode: str | None, backend: str) -> None:
+    """Raise ValueError unless (mode, backend) is a compile setting compile_loss takes (mode None: eager)."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile={mode!r}: choose one of {COMPILE_MODES} (or leave it unset: eager)")
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"compile_backend={backend!r}: not a dynamo backend (torch._dynamo.list_backends(), e.g. "
+                         f"'inductor', 'aot_eager', 'eager')")
+    if mode not in (None, "default") and backend != "inductor":
+        raise ValueError(f"compile={mode!r} is an inductor mode; compile_backend={backend!r} takes only 'default'")
 
 
 def report_generation() -> GenerationConfig:
@@ -102,6 +128,7 @@ class ReportModel(nn.Module):
         self.register_buffer("after_ids", torch.tensor(tokenizer.encode(after, add_special_tokens=False)),
                              persistent=False)
         self.end_id = tokenizer.eos_id
+        self._compiled_lm_loss = None
         self._set_trainable()
 
     # ------------------------------------------------------------------ training modes
@@ -137,9 +164,9 @@ class ReportModel(nn.Module):
         return {n: t for n, t in self.state_dict().items() if n in names}
 
     # ------------------------------------------------------------------ embeddings
-    def encode_images(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """images [B, n_img, 3, H, W] (+ image_mask [B, n_img]) -> visual tokens [B, T, hidden]. Each image is
-        encoded on its own; a study's token sequences are averaged over its real images."""
+    def encoder_features(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, n_img, 3, H, W] (+ image_mask [B, n_img]) -> encoder features [B, T, features], before the
+        projector. Each image is encoded on its own; a study's token sequences are averaged over its real images."""
         if images.dim() != 5:
             raise ValueError(f"images must be [batch, n_images, 3, H, W], got {tuple(images.shape)}")
         B, n = images.shape[:2]
@@ -155,9 +182,16 @@ class ReportModel(nn.Module):
         per_study = feats.new_zeros(B, n, *feats.shape[1:])
         per_study[image_mask] = feats
         w = image_mask.to(feats.dtype)[:, :, None, None]
-        mean = (per_study * w).sum(1) / w.sum(1)
+        return (per_study * w).sum(1) / w.sum(1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features -> visual tokens [B, T, hidden] (the trained projector and its LayerNorm)."""
         # The frozen encoder may run in bf16 while the trainable projector keeps float32 weights.
-        return self.proj_norm(self.proj(mean.to(self.proj.weight.dtype)))
+        return self.proj_norm(self.proj(features.to(self.proj.weight.dtype)))
+
+    def encode_images(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, n_img, 3, H, W] (+ image_mask [B, n_img]) -> visual tokens [B, T, hidden]."""
+        return self.project(self.encoder_features(images, image_mask))
 
     def prompt_embeds(self, visual: torch.Tensor) -> torch.Tensor:
         B = visual.shape[0]
@@ -192,11 +226,58 @@ class ReportModel(nn.Module):
         return embeds, labels, attention_mask
 
     def forward(self, images, reports: list[str], image_mask=None) -> torch.Tensor:
-        """Mean cross-entropy over the report tokens (next-token prediction)."""
+        """Mean cross-entropy over the report tokens (next-token prediction); through the compiled lm_loss after
+        compile_loss."""
+        if self._compiled_lm_loss is not None:
+            features = self.encoder_features(images, image_mask)  # eager: outside the graph (frozen: no autograd)
+            ids, mask = self.tokenize_reports(reports, images.device)
+            with ops.using(**COMPILED_OPS):
+                loss = self._compiled_lm_loss(features, ids, mask)
+            # A copy outside the graph: under a CUDA-graph mode the graph's own output is overwritten by the next
+            # step, and callers keep the loss (logging, bench) past it.
+            return loss.clone()
         embeds, labels, attention_mask = self.training_inputs(images, reports, image_mask)
         # Logits only where a label follows (the report), head and loss fused (StableLM.loss); equal to
         # cross_entropy(lm(...)[:, :-1].float(), labels[:, 1:]).
         return self.lm.loss(input_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def lm_loss(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """forward's loss from the encoder features and the tokenized reports (tokenize_reports): projector,
+        prompt wrap, StableLM with its adapters, head and cross-entropy. The part compile_loss compiles.
+
+        Every shape in it is static and nothing reads a tensor's values on the host, so dynamo traces it as one
+        graph with no graph break (torch._dynamo.explain on the tiny model under COMPILED_OPS, with and without
+        gradient checkpointing: 1 graph, 0 breaks; tests/test_report_compile.py): the report fills the last
+        max_length positions, so the positions predicting it are one slice, its padding labelled -100 and ignored
+        by the loss (where StableLM.loss selects the labelled positions by a boolean mask: a data-dependent
+        shape, i.e. a graph break and a host sync); and no attention mask goes to the LM, as right padding under
+        the causal mask changes nothing (StableLM.forward reads the mask on the host to find that out)."""
+        prompt = self.prompt_embeds(self.project(features))
+        embeds = torch.cat([prompt, self.lm.embed(ids)], dim=1)
+        hidden = StableLMModel.forward(self.lm, input_embeds=embeds)  # the backbone: the head is fused below
+        h = hidden[:, prompt.shape[1] - 1:-1].flatten(0, 1)  # position t predicts report token t + 1
+        targets = ids.masked_fill(mask == 0, -100).flatten()
+        head = self.lm.lm_head
+        if head is None or isinstance(head, nn.Linear):
+            weight = self.lm.embed.weight if head is None else head.weight
+            return ops.linear_cross_entropy(h, weight, targets, None if head is None else head.bias)
+        return F.cross_entropy(head(h).float(), targets)  # a quantized head: no float weight to fuse with
+
+    def compile_loss(self, mode: str | None = "default", backend: str = "inductor") -> None:
+        """From now on forward runs lm_loss under torch.compile (mode: one of COMPILE_MODES, an inductor mode;
+        backend: a dynamo backend, e.g. "aot_eager" for quick CPU tests; mode None: eager again). The encoder
+        stays eager. fullgraph: a graph break is an error rather than a silent slowdown; dynamic=False: a
+        smaller last batch compiles its own static graph instead of making every shape symbolic. Dropout inside
+        the graph: inductor draws its own random numbers (other masks than eager's for the same seed)."""
+        check_compile(mode, backend)
+        if mode is None:
+            self._compiled_lm_loss = None
+            return
+        if not isinstance(self.lm, StableLM):
+            raise ValueError(f"compile_loss needs this project's StableLM, not {type(self.lm).__name__}")
+        options = {"mode": mode} if backend == "inductor" else {}
+        self._compiled_lm_loss = torch.compile(self.lm_loss, backend=backend, fullgraph=True, dynamic=False,
+                                               **options)
 
     @torch.no_grad()
     def generate(self, images, image_mask=None, **overrides) -> list[str]:

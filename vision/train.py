@@ -10,7 +10,8 @@ epoch writes OUT/last (before validation), then validates (generation + metrics)
 weighted validation score improves. Checkpoints are directories of safetensors + JSON (nothing is pickled) with
 only the trained tensors, the optimizer and RNG state, epoch, step, what is needed to rebuild the model and a
 copy of the tokenizer. `--resume runs/x/last` continues a run. Results go to OUT/results.json, per-step losses
-to OUT/train_log.jsonl.
+to OUT/train_log.jsonl. `--compile reduce-overhead` runs the LM part of the loss under torch.compile (one graph of
+fused kernels replayed from CUDA graphs; the first steps compile).
 
 Several GPUs (or CPU processes, gloo), any number of hosts: start it with torchrun (README, "Several GPUs").
 
