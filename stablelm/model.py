@@ -390,7 +390,11 @@ class StableLM(StableLMModel):
             raise ValueError(f"labels shape {tuple(labels.shape)} != (batch, seq) = {tuple(hidden.shape[:2])}")
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != ignore_index  # boolean indexing: one host sync for the count of labelled positions
-        h, targets = hidden[:, :-1][keep], targets[keep]
+        return self.head_loss(hidden[:, :-1][keep], targets[keep], ignore_index)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits at final hidden states h [T, hidden] against targets [T]
+        (ignore_index ignored), the head and the loss as one op where the head has a float weight."""
         head = self.lm_head
         if head is None or isinstance(head, nn.Linear):
             weight = self.embed.weight if head is None else head.weight

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 import torch._dynamo
 import torch._inductor
-import torch.nn.functional as F
 from torch import nn
 
 from stablelm import ops
@@ -256,12 +255,7 @@ class ReportModel(nn.Module):
         embeds = torch.cat([prompt, self.lm.embed(ids)], dim=1)
         hidden = StableLMModel.forward(self.lm, input_embeds=embeds)  # the backbone: the head is fused below
         h = hidden[:, prompt.shape[1] - 1:-1].flatten(0, 1)  # position t predicts report token t + 1
-        targets = ids.masked_fill(mask == 0, -100).flatten()
-        head = self.lm.lm_head
-        if head is None or isinstance(head, nn.Linear):
-            weight = self.lm.embed.weight if head is None else head.weight
-            return ops.linear_cross_entropy(h, weight, targets, None if head is None else head.bias)
-        return F.cross_entropy(head(h).float(), targets)  # a quantized head: no float weight to fuse with
+        return self.lm.head_loss(h, ids.masked_fill(mask == 0, -100).flatten())
 
     def compile_loss(self, mode: str | None = "default", backend: str = "inductor") -> None:
         """From now on forward runs lm_loss under torch.compile (mode: one of COMPILE_MODES, an inductor mode;
