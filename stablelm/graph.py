@@ -102,13 +102,7 @@ class CompileBuilder:
             for _ in range(self.warmup):  # compile (and autotune) before the capture, which cannot
                 compiled()
                 reset()
-            graph, out = capture(compiled, reset, generators)
-
-            def replay():
-                graph.replay()
-                return out
-            replay.graph = graph
-            return replay
+            return CUDAGraphBuilder().build(compiled, reset, generators)
 
         def call():
             torch.compiler.cudagraph_mark_step_begin()
