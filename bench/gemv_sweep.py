@@ -5,7 +5,8 @@ speedup over the baseline and fraction of the copy bandwidth measured in the sam
     python -m bench.gemv_sweep [--out bench/results/gemv_h200.json] [--ms 1,4,16,64] [--bits 16,8,4] [--quick]
 
 Timing: the calls over rotated weight copies (together >= 4x L2) are captured in one CUDA graph whose replays are
-timed (bench.common.graph_ms: CUDA events, median, L2 flushed before each replay), as the decode step runs them.
+timed (bench.common.bench_ms over the graph's replays: CUDA events, median, L2 flushed before each replay), as
+the decode step runs them.
 Bytes counted: weight (+ scales / zeros) + x + out. Triton compilation is spread over worker processes first
 (they fill the on-disk kernel cache), so the sweep itself only times.
 """

@@ -18,6 +18,7 @@ dispatches to (ops.implementation).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 from pathlib import Path
@@ -145,7 +146,7 @@ def bench_decode(batches, contexts, copy_gbs):
             nbytes = 2 * B * HEADS * ctx * HEAD_DIM * 2 + 2 * B * HEADS * HEAD_DIM * 2
             for name, fn in impls.items():
                 row = dict(impl=name, batch=B, context=ctx)
-                ms, err = guarded(lambda: graph_ms(fn, decode_sets(B, ctx, nbytes)))
+                ms, err = guarded(lambda: graph_ms([functools.partial(fn, *s) for s in decode_sets(B, ctx, nbytes)]))
                 if ms:
                     gbs = nbytes / ms / 1e6
                     row.update({"us": ms * 1e3, "GB/s": gbs, "frac_copy": gbs / copy_gbs})
@@ -191,7 +192,7 @@ def bench_elementwise(B, S, copy_gbs):
         def measure():
             sets = make_sets()
             nbytes = count_bytes(fn, sets[0])
-            ms = graph_ms(fn, sets)
+            ms = graph_ms([functools.partial(fn, *s) for s in sets])
             return ms, nbytes
         res, err = guarded(measure)
         if res:

@@ -44,6 +44,7 @@ import torch
 from kernels.contract import Contract, call, run_case
 
 from . import ops
+from .measure import copy_bandwidth_gbs, environment, graph_ms, markdown_table, matmul_tflops, time_cuda
 
 
 class UsageError(Exception):
@@ -171,17 +172,18 @@ class Report:
                  f"x {self.seeds} seeds)", ""]
         cols = ["case", "dtype", "grad", "worst", "max_abs", "max_rel", "atol", "rtol", "tol_used", "status",
                 "problem"]
-        lines.append(_markdown([r.row() for r in self.cases], cols))
+        lines.append(markdown_table([r.row() for r in self.cases], cols))
         if self.model is not None:
             lines += ["", f"whole model ({self.model['shape']}, {self.model['dtype']}, vs transformers "
                           f"StableLmForCausalLM on the same weights)", ""]
-            lines.append(_markdown(self.model["checks"], ["check", "value", "limit", "reference_impl", "passed"]))
+            lines.append(markdown_table(self.model["checks"], ["check", "value", "limit", "reference_impl", "passed"]))
             if self.model.get("speed"):
-                lines += ["", _markdown(self.model["speed"], ["phase", "shape", "without_ms", "with_ms", "speedup"])]
+                lines += ["", markdown_table(self.model["speed"],
+                                             ["phase", "shape", "without_ms", "with_ms", "speedup"])]
         if self.speed is not None:
             lines += ["", f"op speed at StableLM-3B shapes (copy {self.speed['copy_gbs']:.0f} GB/s, matmul "
                           f"{self.speed['matmul_tflops']:.0f} TFLOP/s measured in this run)", ""]
-            lines.append(_markdown(self.speed["rows"], ["case", "impl", "ms", "GB/s", "frac_copy", "TFLOP/s",
+            lines.append(markdown_table(self.speed["rows"], ["case", "impl", "ms", "GB/s", "frac_copy", "TFLOP/s",
                                                         "frac_matmul", "vs_best_other", "error"]))
         lines += [""] + [f"note: {n}" for n in self.notes]
         verdict = "PASS" if self.passed else f"FAIL ({len(self.failed)}): " + ", ".join(self.failed)
@@ -193,28 +195,6 @@ class Report:
                 "seeds": self.seeds, "passed": self.passed, "failed": self.failed,
                 "cases": [r.to_json() for r in self.cases], "model": self.model, "speed": self.speed,
                 "notes": self.notes, "environment": environment()}
-
-
-def _markdown(rows: list, cols: list) -> str:
-    def fmt(v):
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        if isinstance(v, float):
-            return "inf" if math.isinf(v) else (f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}")
-        return "" if v is None else str(v)
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def environment() -> dict:
-    import platform
-    import triton
-    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,7 +414,7 @@ def model_speed(model, op: str, impl: str, prompt: int = 2048, batch: int = 8, c
                     def once():
                         cache.reset()
                         model.prefill(cache, ids)
-                    row[key] = time_ms(once)
+                    row[key] = time_cuda(once)
                 else:
                     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
                     steps = 16
@@ -467,59 +447,6 @@ def _step_ms(step, tok, steps: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Timing (CUDA)
-
-def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median ms per call of fn(), CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graph_ms(calls: list, repeats: int = 20) -> float:
-    """Median ms per call of the no-argument callables `calls` (run in order, e.g. one per input copy so the inputs
-    do not sit in L2), captured together in one CUDA graph whose replays are timed: no host launch cost. Each is
-    run once first, outside the capture (compilation, autotuning)."""
-    with torch.no_grad():
-        for c in calls:
-            c()
-        torch.cuda.synchronize()
-        n = max(32, len(calls))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(n):
-                calls[i % len(calls)]()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(n):
-                calls[i % len(calls)]()
-    return time_ms(graph.replay, warmup=2, iters=repeats) / n
-
-
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), graph-timed."""
-    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / graph_ms([lambda: dst.copy_(src)]) / 1e6
-
-
-def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
-    """Dense matmul rate in TFLOP/s on random data."""
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    out = torch.empty(n, n, device="cuda", dtype=dtype)
-    return 2 * n ** 3 / graph_ms([lambda: torch.matmul(a, b, out=out)]) / 1e9
-
 
 def op_speed(op: str, impl: str, device: str = "cuda") -> dict:
     """Every registered implementation of `op` (impl among them) on the contract's StableLM-3B bench cases."""
