@@ -82,23 +82,32 @@ def _swiglu_fwd_kernel(G, U, O, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, n_rows, H, n
 
 
 @triton.jit
-def _swiglu_bwd_kernel(G, U, DO, DG, DU,
-                       g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
-                       STORE_DG: tl.constexpr, STORE_DU: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Same grid as the forward; DG and DU are contiguous [rows, cols]."""
+def _swiglu_grads(G, U, DO, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of (rows, columns, mask, dgate, dup) in float32, for both backward kernels."""
     m, h, rows, cols, mask = _tile(n_rows, H, n_cols, BLOCK_R, BLOCK_C)
     g = tl.load(G + (m * g_sm + h * g_sh)[:, None] + cols[None, :] * g_sn, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + (m * u_sm + h * u_sh)[:, None] + cols[None, :] * u_sn, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + (m * d_sm + h * d_sh)[:, None] + cols[None, :] * d_sn, mask=mask, other=0.0)
     do = do.to(tl.float32)
     sig = tl.sigmoid(g)
+    # d silu(g) / dg = sig * (1 + g * (1 - sig))
+    return rows, cols, mask, do * u * sig * (1.0 + g * (1.0 - sig)), do * g * sig
+
+
+@triton.jit
+def _swiglu_bwd_kernel(G, U, DO, DG, DU,
+                       g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
+                       STORE_DG: tl.constexpr, STORE_DU: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Same grid as the forward; DG and DU are contiguous [rows, cols]."""
+    rows, cols, mask, dg, du = _swiglu_grads(G, U, DO, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn,
+                                             n_rows, H, n_cols, BLOCK_R, BLOCK_C)
     out = rows[:, None] * n_cols + cols[None, :]
     if STORE_DG:
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        tl.store(DG + out, (do * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+        tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=mask)
     if STORE_DU:
-        tl.store(DU + out, (do * g * sig).to(DU.dtype.element_ty), mask=mask)
+        tl.store(DU + out, du.to(DU.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,15 +234,11 @@ def _swiglu_fused_bwd_kernel(G, U, DO, DGU,
                              g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn, n_rows, H, n_cols,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Same grid as the forward; DGU is contiguous [rows, 2 * cols]: dgate in columns [0, cols), dup after."""
-    m, h, rows, cols, mask = _tile(n_rows, H, n_cols, BLOCK_R, BLOCK_C)
-    g = tl.load(G + (m * g_sm + h * g_sh)[:, None] + cols[None, :] * g_sn, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + (m * u_sm + h * u_sh)[:, None] + cols[None, :] * u_sn, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + (m * d_sm + h * d_sh)[:, None] + cols[None, :] * d_sn, mask=mask, other=0.0)
-    do = do.to(tl.float32)
-    sig = tl.sigmoid(g)
+    rows, cols, mask, dg, du = _swiglu_grads(G, U, DO, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, d_sm, d_sh, d_sn,
+                                             n_rows, H, n_cols, BLOCK_R, BLOCK_C)
     out = DGU + rows[:, None] * (2 * n_cols) + cols[None, :]
-    tl.store(out, (do * u * sig * (1.0 + g * (1.0 - sig))).to(DGU.dtype.element_ty), mask=mask)
-    tl.store(out + n_cols, (do * g * sig).to(DGU.dtype.element_ty), mask=mask)
+    tl.store(out, dg.to(DGU.dtype.element_ty), mask=mask)
+    tl.store(out + n_cols, du.to(DGU.dtype.element_ty), mask=mask)
 
 
 class _SwiGLUFusedFunction(torch.autograd.Function):
