@@ -28,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(synth, tmp_path_factory):
+    """A BPE tokenizer trained on the requesting module's synthetic reports (its `synth` fixture) + the
+    report model's instruction; a module may define its own instead."""
+    from vision.data import load_annotation
+    from vision.pipeline import build_tokenizer
+    from vision.report_model import ReportConfig
+
+    reports = [e["report"].lower() for e in load_annotation(synth / "annotation.json")["train"]]
+    return str(build_tokenizer(reports + [ReportConfig().instruction], tmp_path_factory.mktemp("tok"), 512))

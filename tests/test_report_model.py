@@ -10,7 +10,7 @@ from vision import synthetic
 from vision import train as train_script
 from vision.data import ReportDataset, collate_reports, load_annotation
 from stablelm.lora import LoRALinear
-from vision.pipeline import (build_model, build_tokenizer, evaluate, load_run_checkpoint, restore_training,
+from vision.pipeline import (build_model, evaluate, load_run_checkpoint, restore_training,
                              save_run_checkpoint)
 from vision.report_model import ReportConfig, report_generation
 
@@ -22,12 +22,6 @@ def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     synthetic.main([str(root), "--studies", "120", "--views", "2", "--size", "224", "--seed", "3"])
     return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(synth, tmp_path_factory):
-    reports = [e["report"].lower() for e in load_annotation(synth / "annotation.json")["train"]]
-    return str(build_tokenizer(reports + [ReportConfig().instruction], tmp_path_factory.mktemp("tok"), 512))
 
 
 def spec(tokenizer_dir, **report):

@@ -12,7 +12,7 @@ from stablelm.quantize import NF4Linear, QuantLinear, quantize_state_dict
 from vision import synthetic
 from vision import train as train_script
 from vision.data import ReportDataset, collate_reports, load_annotation
-from vision.pipeline import build_model, build_tokenizer, load_run_checkpoint
+from vision.pipeline import build_model, load_run_checkpoint
 from vision.report_model import ReportConfig, report_generation
 
 FORMATS = {"int8": (8, 128, "int"), "int4": (4, 32, "int"), "nf4": (4, 32, "nf4")}
@@ -23,12 +23,6 @@ def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     synthetic.main([str(root), "--studies", "16", "--views", "2", "--size", "224", "--seed", "5"])
     return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(synth, tmp_path_factory):
-    reports = [e["report"].lower() for e in load_annotation(synth / "annotation.json")["train"]]
-    return str(build_tokenizer(reports + [ReportConfig().instruction], tmp_path_factory.mktemp("tok"), 512))
 
 
 @pytest.fixture(scope="module")
