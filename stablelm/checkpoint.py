@@ -3,13 +3,19 @@
 The converted format is a directory with `model.safetensors` (project names: fused `qkv` and `gate_up`; its
 metadata records the LAYOUT_FIELDS the weights were converted with, checked against config.json on load),
 `config.json` ({"format": "stablelm", "version": 1, "config": StableLMConfig fields, "quantization": null or
-{"bits", "group_size"[, "format": "nf4"][, "lm_head": true]}}), the tokenizer files copied from the source
-(chat_template.jinja included) and `.stablelm-output.json`, the list of what was written. The tensor layout mapping
-and the reading of Hugging Face directories are stablelm/convert.py's.
+{"bits", "group_size"[, "format": "nf4"][, "lm_head": true][, "embed": true]}}), the tokenizer files copied from the
+source (chat_template.jinja included) and `.stablelm-output.json`, the list of what was written. The tensor layout
+mapping and the reading of Hugging Face directories are stablelm/convert.py's.
 
 "lm_head": true (`convert --quant ... --quantize-head`) means the causal LM's head is quantized as the other linear
 layers are; a tied checkpoint then stores a quantized copy of the embedding table as `lm_head.*` beside the float
 `embed.weight` (stablelm/quantize.py says why). Without it the head stays float.
+
+"embed": true (`convert --quant int8|int4 --quantize-embedding`) means the embedding table is quantized too, in the
+same format as the linear layers (`embed.qweight`, `embed.scales`[, `embed.zeros`] instead of `embed.weight`; load
+builds a QuantEmbedding for it): the table's rounding error is added to every token's input activations, for its
+bytes (stablelm/quantize.py). Without it the table stays float. Refused for nf4 and for tied checkpoints (their
+head multiplies by the table).
 
 Every directory is written by `atomic_dir`: into a temporary beside it, renamed into place at the end, removed on
 an error or SIGTERM/SIGHUP/SIGINT; it never replaces a file, the source, or a non-empty directory it did not write.
@@ -36,7 +42,8 @@ from .config import StableLMConfig
 from .convert import (LAYOUT_FIELDS, CheckpointError, check_finite_tensor, check_tensors, hf_to_project,
                       meta_model, project_to_hf, read_hf_tensors, read_json, read_tensor_file, tensor_file_metadata)
 from .model import Rotary
-from .quantize import quantize_kwargs, quantize_model, quantize_state_dict
+from .quantize import (NF4_EMBED_REFUSAL, TIED_EMBED_REFUSAL, match_embedding_dtype, quantize_kwargs, quantize_model,
+                       quantize_state_dict)
 
 FORMAT = "stablelm"
 VERSION = 1
@@ -88,7 +95,7 @@ def read_project_header(path: str | Path):
 
 def _quantization(quant, path: Path) -> dict | None:
     """config.json's quantization entry, checked: null, or {"bits": 8 | 4, "group_size": int > 0[, "format"]
-    [, "lm_head": bool]}."""
+    [, "lm_head": bool][, "embed": bool (int8 / int4 only)]}."""
     if quant is None:
         return None
     fmt = quant.get("format", "int") if isinstance(quant, dict) else None
@@ -96,10 +103,12 @@ def _quantization(quant, path: Path) -> dict | None:
           and quant.get("bits") in ((8, 4) if fmt == "int" else (4,)) and type(quant.get("bits")) is int
           and (quant.get("group_size") is None and quant.get("bits") == 8
                or type(quant.get("group_size")) is int and quant["group_size"] > 0)
-          and type(quant.get("lm_head", False)) is bool)
+          and type(quant.get("lm_head", False)) is bool
+          and type(quant.get("embed", False)) is bool and not (quant.get("embed") and fmt != "int"))
     if not ok:
         raise CheckpointError(f"{path}: quantization must be null or {{\"bits\": 8 | 4, \"group_size\": int > 0"
-                              f"[, \"format\": \"nf4\"][, \"lm_head\": true | false]}}, got {quant!r}")
+                              f"[, \"format\": \"nf4\"][, \"lm_head\": true | false][, \"embed\": true | false]}} "
+                              f"(\"embed\": true with int8 / int4 only), got {quant!r}")
     return quant
 
 
@@ -309,16 +318,21 @@ def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- converting directories
-def quantization_entry(quant: str | None, group_size: int | None = None,
-                       quantize_head: bool = False) -> dict | None:
+def quantization_entry(quant: str | None, group_size: int | None = None, quantize_head: bool = False,
+                       quantize_embedding: bool = False) -> dict | None:
     """config.json's quantization entry of a conversion with `quant` ("int8" / "int4" / "nf4", or None), int4's
-    `group_size` (default INT4_GROUP_SIZE) and `quantize_head` (the lm_head quantized too); ValueError for a
-    combination that means nothing."""
+    `group_size` (default INT4_GROUP_SIZE), `quantize_head` (the lm_head quantized too) and `quantize_embedding`
+    (the embedding table too; int8 / int4 only); ValueError for a combination that means nothing."""
     if group_size is not None and quant != "int4":
         raise ValueError(f"group_size applies to int4 quantization only (got quant={quant!r})")
     if quantize_head and quant is None:
         raise ValueError("quantize_head needs a quantization format (quant int8 / int4 / nf4): the head is "
                          "quantized as the other linear layers are")
+    if quantize_embedding and quant is None:
+        raise ValueError("quantize_embedding needs a quantization format (quant int8 / int4): the table is "
+                         "quantized in the linear layers' format")
+    if quantize_embedding and quant == "nf4":
+        raise ValueError(f"quantize_embedding with quant nf4: {NF4_EMBED_REFUSAL}; use quant int8 or int4")
     if quant is None:
         return None
     if quant == "nf4":
@@ -328,21 +342,32 @@ def quantization_entry(quant: str | None, group_size: int | None = None,
         entry = {"bits": bits, "group_size": INT4_GROUP_SIZE if bits == 4 and group_size is None else group_size}
     if quantize_head:  # only then: an entry without the key is a float head, as in older checkpoints
         entry["lm_head"] = True
+    if quantize_embedding:  # likewise: an entry without it is a float table
+        entry["embed"] = True
     return entry
 
 
 def convert_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, quant: str | None = None,
                    group_size: int | None = None, overwrite: bool = False, progress: bool = False,
-                   quantize_head: bool = False) -> None:
+                   quantize_head: bool = False, quantize_embedding: bool = False) -> None:
     """Write the converted form of the Hugging Face checkpoint `src` to `dst`, with its tokenizer files.
 
     dtype: a DTYPES key (a value that overflows it is an error naming the tensor); quant: "int8" / "int4" / "nf4",
     weight-only, of the linear layers; group_size: int4's (default INT4_GROUP_SIZE), meaningless for int8;
     quantize_head: the causal LM's lm_head too (a tied one: a quantized copy of the embedding table; the
-    embedding itself stays float); progress: bars on stderr while reading and converting.
+    embedding itself stays float); quantize_embedding: the embedding table too (int8 / int4; an untied
+    StableLmForCausalLM only); progress: bars on stderr while reading and converting.
     """
-    quantization = quantization_entry(quant, group_size, quantize_head)
+    quantization = quantization_entry(quant, group_size, quantize_head, quantize_embedding)
     src = Path(src).expanduser()
+    if quantize_embedding:  # refused from config.json alone, before a weight is read or anything written
+        cfg = _config(src / "config.json", StableLMConfig.from_hf)
+        if cfg.architecture != "StableLmForCausalLM":
+            raise ValueError(f"{src} is a {cfg.architecture}; --quantize-embedding applies to StableLmForCausalLM "
+                             f"checkpoints")
+        if cfg.tie_word_embeddings:
+            raise ValueError(f"{src} has tied embeddings, so its embedding table cannot be quantized "
+                             f"(--quantize-embedding): {TIED_EMBED_REFUSAL}")
     with atomic_dir(dst, overwrite, src=src) as out:
         cfg, tensors = read_hf_dir(src, progress)
         if quantize_head and cfg.architecture != "StableLmForCausalLM":
@@ -363,7 +388,9 @@ def export_hf_dir(src: str | Path, dst: str | Path, dtype: str | None = None, ov
         cfg, quantization, tensors = read_project_dir(src)
         if quantization:
             # Dequantizing would write rounded weights as if they were the originals, so there is no way back.
-            head = " (its lm_head too)" if quantization.get("lm_head") else ""
+            parts = [what for key, what in (("lm_head", "lm_head"), ("embed", "embedding table"))
+                     if quantization.get(key)]
+            head = f" (its {' and '.join(parts)} too)" if parts else ""
             raise ValueError(f"{src} is quantized{head} ({quantization}); --to-hf needs an unquantized checkpoint: "
                              f"convert the Hugging Face source again without --quant")
         tensors = _cast(project_to_hf(tensors, cfg), dtype, progress)
@@ -428,7 +455,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         cfg, quant, tensors = read_project_dir(path, check_finite=check_finite)
     try:
         model = skeleton(cfg, quant)
-    except CheckpointError as e:
+    except ValueError as e:  # a CheckpointError, or quantize_model refusing the entry (a hand-edited tied "embed")
         raise CheckpointError(f"{path}/config.json: {e}") from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_tensors(tensors, expected, str(path))
@@ -446,6 +473,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         tensors = cast
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=True)
     model.rotary = Rotary(cfg).to(device)  # its non-persistent table was built on the meta device
+    match_embedding_dtype(model)  # a quantized table's lookups come out in the loaded floats' dtype
     return model.eval()
 
 

@@ -6,8 +6,8 @@
                                 [--no-check-finite]
     python -m stablelm generate --prompt "hi"     # no --model: tiny random-weight model, byte-level ids
     torchrun --nproc-per-node N -m stablelm generate --model DIR --tp N --prompt "..."   # tensor parallel
-    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4|nf4 [--quantize-head]] [--group-size G]
-                               [--to-hf] [--overwrite]
+    python -m stablelm convert SRC DST [--dtype ...] [--quant int8|int4|nf4 [--quantize-head]
+                               [--quantize-embedding (int8|int4)]] [--group-size G] [--to-hf] [--overwrite]
     python -m stablelm info --model DIR
     python -m stablelm check-op OP MODULE:FUNCTION [--device cpu|cuda] [--json OUT] [--seeds N] [--model] [--speed]
 
@@ -260,6 +260,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-head", action="store_true",
                         help="with --quant: quantize the causal LM's lm_head too (tied embeddings: a quantized copy "
                              "of the table is the head, the embedding stays float); default: the head stays float")
+    parser.add_argument("--quantize-embedding", action="store_true",
+                        help="with --quant int8|int4: quantize the embedding table too (its rounding error is added "
+                             "to every token's input activations, for its bytes; untied causal LMs only); default: "
+                             "the table stays float")
     parser.add_argument("--to-hf", action="store_true", help="convert a converted directory back to transformers")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST if it is an earlier conversion's output or an empty directory")
@@ -276,15 +280,21 @@ def run_convert(args, parser) -> int:
     if args.group_size is not None and args.quant != "int4":
         parser.error("--group-size applies to --quant int4 only (int8 has one scale per output row)")
     if args.to_hf:
-        if args.quant or args.quantize_head:
-            parser.error("--quant and --quantize-head apply to HF -> project conversion only")
+        if args.quant or args.quantize_head or args.quantize_embedding:
+            parser.error("--quant, --quantize-head and --quantize-embedding apply to HF -> project conversion only")
         export_hf_dir(args.src, args.dst, args.dtype, args.overwrite, progress=True)
     else:
         if args.quantize_head and args.quant is None:
             parser.error("--quantize-head needs --quant int8|int4|nf4 (it quantizes the lm_head as the other "
                          "linear layers)")
+        if args.quantize_embedding and args.quant is None:
+            parser.error("--quantize-embedding needs --quant int8|int4 (it quantizes the embedding table in the "
+                         "linear layers' format)")
+        if args.quantize_embedding and args.quant == "nf4":
+            parser.error("--quantize-embedding takes --quant int8 or int4, not nf4 (nf4's double-quantized block "
+                         "scales do not gather by row)")
         convert_hf_dir(args.src, args.dst, args.dtype, args.quant, args.group_size, args.overwrite, progress=True,
-                       quantize_head=args.quantize_head)
+                       quantize_head=args.quantize_head, quantize_embedding=args.quantize_embedding)
     print(f"wrote {args.dst}")
     return 0
 

@@ -18,7 +18,8 @@ three kinds of module are swapped for the parallel ones below:
                  run unchanged and stay in step on every rank (same seed, same logits, same choices). A
                  distributed argmax / sampling would move B x tp numbers instead of B x vocab per step; at decode
                  batch sizes the all-gather is a few hundred KB, so correctness and simplicity win for now.
-  embed          replicated (one row read per token; sharding it would add a collective before layer 0).
+  embed          replicated (one row read per token; sharding it would add a collective before layer 0), a
+                 quantized one (`--quantize-embedding`, a QuantEmbedding) too: its codes / scales / zeros whole.
 
 The KV cache is per rank (model.make_cache sizes it from the RankConfig: local kv heads). Quantized checkpoints
 (stablelm/quantize.py formats) are sliced in their stored form: column-parallel layers by rows of qweight /
@@ -60,7 +61,7 @@ from . import ops
 from .config import StableLMConfig
 from .convert import CheckpointError, check_tensors
 from .model import Linear, Rotary, StableLM
-from .quantize import QuantLinear, quantize_kwargs, quantize_model
+from .quantize import QuantLinear, match_embedding_dtype, quantize_kwargs, quantize_model
 
 TIMEOUT_ENV = "STABLELM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -356,6 +357,7 @@ def load_sharded(cfg: StableLMConfig, quant: dict | None, source, *, tp: int, de
                    else v for k, v in tensors.items()}
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=True)
     model.rotary = Rotary(rcfg).to(device)  # its non-persistent table was built on the meta device
+    match_embedding_dtype(model)  # a quantized table's lookups come out in the loaded floats' dtype
     for block in model.layers:
         block.attn.o = RowParallelLinear(block.attn.o)
         block.mlp.down = RowParallelLinear(block.mlp.down)

@@ -125,7 +125,7 @@ def test_quantize_head_refusals(converted, tmp_path):
     meta = json.loads((edited / "config.json").read_text())
     meta["quantization"]["lm_head"] = "yes"
     (edited / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=re.escape('[, "lm_head": true | false]}, got')):
+    with pytest.raises(CheckpointError, match=re.escape('[, "lm_head": true | false][, "embed": true | false]}')):
         ckpt.load(edited)
 
 
@@ -140,11 +140,12 @@ def _check_rows_against_conversions(rows, src, tmp_path):
         quant = None if entry is None else "nf4" if entry.get("format") == "nf4" else f"int{entry['bits']}"
         dst = tmp_path / f"row{i}"
         ckpt.convert_hf_dir(src, dst, "bf16", quant, entry["group_size"] if quant == "int4" else None,
-                            quantize_head=row["lm_head"] == "quantized")
+                            quantize_head=row["lm_head"] == "quantized", quantize_embedding=row["embed"] == "quantized")
         stored = load_file(str(dst / "model.safetensors"))
         assert row["bytes"] == tensor_bytes(stored) == tensor_bytes(ckpt.load(dst).state_dict()), row
-        assert row["parts_bytes"]["lm_head"] == tensor_bytes({k: v for k, v in stored.items()
-                                                               if k.startswith("lm_head.")}), row
+        for part in ("lm_head", "embed"):
+            assert row["parts_bytes"][part] == tensor_bytes({k: v for k, v in stored.items()
+                                                             if k.startswith(f"{part}.")}), row
 
 
 def test_sizes_script_matches_converted_checkpoints(converted, tmp_path):
@@ -154,10 +155,10 @@ def test_sizes_script_matches_converted_checkpoints(converted, tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.sizes", "--preset", "tiny", "--group-size", "32", "--out",
                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
-    assert "| int4 g32 | quantized |" in r.stdout
+    assert "| int4 g32 | quantized | bf16 |" in r.stdout and "| int4 g32 | quantized | quantized |" in r.stdout
     payload = json.loads(out.read_text())
     assert payload["environment"]["date"] and payload["environment"]["torch"]
-    assert [("error" in row) for row in payload["rows"]] == [False] * 5 + [True] * 2  # nf4: K=352
+    assert [("error" in row) for row in payload["rows"]] == [False] * 7 + [True] * 2  # nf4: K=352
     torch.manual_seed(1)
     tiny = save_random_hf_checkpoint(tmp_path / "tiny-hf", **PRESETS["tiny"])
     _check_rows_against_conversions(payload["rows"], tiny, tmp_path / "tiny")
