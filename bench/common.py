@@ -13,7 +13,21 @@ import torch
 from stablelm.measure import copy_bandwidth_gbs, environment, graph_ms, markdown_table, matmul_tflops, time_cuda
 
 __all__ = ["bench_device", "bench_ms", "copies_for", "copy_bandwidth_gbs", "environment", "graph_ms",
-           "markdown_table", "matmul_tflops", "time_cuda", "write_json"]
+           "markdown_table", "matmul_tflops", "resident_bytes", "time_cuda", "weight_bytes", "write_json"]
+
+
+def resident_bytes(model) -> int:
+    """Bytes of every tensor the model keeps on the device (the whole embedding table included)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every weight a StableLM decode step reads: all but the embedding table (float or quantized), of
+    which one row per token is read (unless it doubles as the tied lm_head), and the rotary tables."""
+    total = resident_bytes(model)
+    if model.lm_head is not None:
+        total -= resident_bytes(model.embed)
+    return total - sum(b.numel() * b.element_size() for b in model.rotary.buffers())
 
 
 def bench_device(ap, tiny: bool):

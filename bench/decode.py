@@ -38,26 +38,13 @@ import time
 import torch
 
 import stablelm.ops as ops
-from bench.common import bench_device, copy_bandwidth_gbs, environment, markdown_table, time_cuda, write_json
+from bench.common import (bench_device, copy_bandwidth_gbs, environment, markdown_table, resident_bytes, time_cuda,
+                          weight_bytes, write_json)
 from stablelm import StableLM, preset
 from stablelm.generate import DecodeSession, generate
 from stablelm.graph import CompileBuilder
 
 PEERS = ["stablelm-eager", "stablelm-torch-compile", "transformers-sdpa", "transformers-static-compile"]
-
-
-def resident_bytes(model) -> int:
-    """Bytes of every tensor the model keeps on the device (the whole embedding table included)."""
-    return sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every weight a decode step reads: all but the embedding table, of which one row per token is
-    read (unless it doubles as the tied lm_head), and the rotary tables."""
-    total = resident_bytes(model)
-    if model.lm_head is not None:
-        total -= model.embed.weight.numel() * model.embed.weight.element_size()
-    return total - sum(b.numel() * b.element_size() for b in model.rotary.buffers())
 
 
 def step_bytes(model, cfg, batch, context, elt) -> int:

@@ -18,7 +18,7 @@ import json
 import torch
 from torch import nn
 
-from bench.common import copy_bandwidth_gbs, environment, markdown_table, time_cuda, write_json
+from bench.common import copy_bandwidth_gbs, environment, markdown_table, time_cuda, weight_bytes, write_json
 from kernels import gemv as G
 from kernels import quant as Q
 from stablelm import StableLM, ops, preset
@@ -26,13 +26,10 @@ from stablelm.graph import GraphDecodeStep
 
 
 def step_bytes(model, batch, context) -> int:
-    """Weights a step reads (all resident tensors but the embedding table and rotary tables) + the KV read."""
+    """Weights a step reads (bench.common.weight_bytes) + the bf16 KV read."""
     cfg = model.config
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    total -= model.embed.weight.numel() * model.embed.weight.element_size()
-    total -= sum(b.numel() * b.element_size() for b in model.rotary.buffers())
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * batch * (context + 1)
-    return total + kv
+    return weight_bytes(model) + kv
 
 
 def graph_decode_ms(model, batch, context, steps):

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import bench_device, environment, markdown_table, write_json
+from bench.common import bench_device, environment, markdown_table, resident_bytes, write_json
 from bench.decode import build_hf
 from stablelm import StableLM, preset
 from stablelm.lora import apply_lora, make_optimizer
@@ -296,10 +296,6 @@ def gpu_busy_ms(step, steps: int, cuda: bool):
         return None, None
     busy_us = sum(e.time_range.elapsed_us() for e in device_events)
     return busy_us / steps / 1e3, len(device_events) / steps
-
-
-def resident_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def activation_bytes(model, images, reports, cuda: bool):

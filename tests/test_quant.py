@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import stablelm.checkpoint as ckpt
+from bench.common import resident_bytes
 from kernels.quant import (QuantMatmulConfig, choose_config, dequantize_weight, pack_int4, quant_linear_ref,
                            quant_linear_triton, quant_matmul, quantize_weight, unpack_int4)
 from stablelm import ops
@@ -304,10 +305,6 @@ def test_quantized_model_logits_close_to_float(bits, group_size):
     if bits == 8:
         assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
-
-
-def resident_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -196,6 +196,19 @@ def test_meta_device_and_dtype_follow_the_model():
     assert float_embed.weight.shape == (cfg.vocab_size, cfg.hidden_size)
 
 
+def test_decode_bench_counts_no_embedding_bytes_float_or_quantized():
+    # bench/decode.py's bandwidth figures divide by the bytes a step reads: the table is one row per token either way.
+    from bench.common import resident_bytes, weight_bytes
+    model = StableLM.random(preset("tiny"))
+    float_embed = model.embed.weight.numel() * 4
+    rotary = sum(b.numel() * b.element_size() for b in model.rotary.buffers())
+    assert weight_bytes(model) == resident_bytes(model) - float_embed - rotary
+    quantize_model(model, 4, 32, skip=(), embed=True)
+    table = sum(t.numel() * t.element_size() for t in (model.embed.qweight, model.embed.scales, model.embed.zeros))
+    assert 0 < table < float_embed
+    assert weight_bytes(model) == resident_bytes(model) - table - rotary
+
+
 # ---------------------------------------------------------------- converted checkpoints
 def build_source(path: Path, seed: int = 0, **overrides) -> Path:
     """An HF checkpoint with a trained BPE tokenizer and an embedding EXTRA_ROWS rows past its vocabulary; the last
