@@ -180,6 +180,7 @@ class CaseResult:
     seeds: list
     checks: list = field(default_factory=list)
     error: str = ""  # the implementation raised (first line of the exception)
+    device_lost: bool = False  # what it raised was a device fault (e.g. an illegal address): the context is gone
 
     @property
     def passed(self) -> bool:
@@ -293,6 +294,10 @@ def _run(contract: Contract, fn: Callable, case: Case, seed: int, device):
     return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in outs.items()}, grads
 
 
+# Errors after which the CUDA context is unusable: every later call fails with the same error.
+DEVICE_FAULTS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+
+
 def run_case(contract: Contract, fn: Callable, case: Case, seeds=(0,), device="cpu",
              reference_runs: dict | None = None) -> CaseResult:
     """Run one case of `contract` for `fn` against the reference on every seed; never raises for fn's errors.
@@ -309,9 +314,14 @@ def run_case(contract: Contract, fn: Callable, case: Case, seeds=(0,), device="c
                 reference_runs[key] = ref_out, ref_grads
         try:
             out, grads = _run(contract, fn, case, seed, device)
+            if str(device).startswith("cuda"):
+                # A kernel's fault (an out-of-bounds address) is reported asynchronously, at some later CUDA call:
+                # without this it would surface in the next case's reference run, naming the wrong case.
+                torch.cuda.synchronize(device)
         except Exception as e:  # noqa: BLE001 - the report names it
             msg = str(e).strip().splitlines()
             result.error = f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+            result.device_lost = isinstance(e, DEVICE_FAULTS)
             return result
         found = []
         for name, ref in ref_out.items():

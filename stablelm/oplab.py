@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.contract import Contract, call, run_case
+from kernels.contract import CaseResult, Contract, call, run_case
 
 from . import ops
 from .measure import copy_bandwidth_gbs, environment, graph_ms, markdown_table, matmul_tflops, time_cuda
@@ -251,8 +251,17 @@ def check_op(op: str, fn, device=None, seeds: int = 3, grid: str | None = None, 
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         report.notes.append("TRITON_INTERPRET is not 1: Triton kernels cannot run on CPU tensors (the command "
                             "line sets it; from Python set it before importing triton)")
-    for case in selected:
+    for i, case in enumerate(selected):
         report.cases.append(run_case(con, fn, case, seeds=range(seeds), device=device))
+        if report.cases[-1].device_lost:
+            # The device fault ended the CUDA context: the rest cannot run in this process, and must not pass.
+            rest = selected[i + 1:]
+            report.cases += [CaseResult(c, list(range(seeds)), error=f"not run: case {case.name} lost the "
+                                           "CUDA context") for c in rest]
+            report.notes.append(f"{case.name} raised a device fault ({report.cases[i].error}); the {len(rest)} "
+                                "cases after it were not run (run them alone with --case to check them)")
+            model = speed = False
+            break
     if model or speed:
         impl_name = _registered_name(op, fn) or name
         if _registered_name(op, fn) is None:

@@ -1,5 +1,7 @@
 """Deliberately broken implementations for tests/test_oplab.py: each has the op's signature and one classic bug,
 which check-op must catch and name by case."""
+import torch
+
 from kernels.attention import attention_ref
 from kernels.mlp import swiglu_ref
 from kernels.rotary import rotary_cache_ref, rotary_ref
@@ -40,6 +42,17 @@ def rotary_swapped_args(q, k, sin, cos):
 
 def swiglu_raises(gate, up):
     raise RuntimeError("kernel exploded")
+
+
+_calls = {"swiglu_faults_on_its_second_case": 0}
+
+
+def swiglu_faults_on_its_second_case(gate, up):
+    """Right on its first call; then raises what a kernel's illegal address raises (the CUDA context is lost)."""
+    _calls["swiglu_faults_on_its_second_case"] += 1
+    if _calls["swiglu_faults_on_its_second_case"] > 1:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return swiglu_ref(gate, up)
 
 
 NOT_CALLABLE = 3

@@ -137,6 +137,19 @@ def test_an_implementation_that_raises_fails_with_its_error_in_the_row():
     assert "RuntimeError: kernel exploded" in report.table()
 
 
+def test_a_device_fault_names_its_case_and_the_rest_fail_unrun():
+    # An illegal address kills the CUDA context: the case that raised is named, the later ones are reported as not
+    # run (never as passed), and the model verdict, which would run on the dead context, is skipped.
+    names = case_names("swiglu")
+    assert len(names) >= 3
+    report = oplab.check_op("swiglu", f"{BROKEN}:swiglu_faults_on_its_second_case", device="cpu", seeds=1,
+                            model=True)
+    assert report.cases[0].passed and report.failed == names[1:]
+    assert "AcceleratorError: CUDA error: an illegal memory access" in report.cases[1].error
+    assert all(c.error == f"not run: case {names[1]} lost the CUDA context" for c in report.cases[2:])
+    assert report.model is None and any(f"{len(names) - 2} cases after it were not run" in n for n in report.notes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Usage errors exit 2
 
