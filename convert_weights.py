@@ -1,6 +1,7 @@
 """Convert a Hugging Face StableLM checkpoint directory to the project's layout, or back with --to-hf.
 
-    python convert_weights.py SRC_HF_DIR DST_DIR [--dtype bf16|fp16|fp32] [--quant int8|int4|nf4 [--quantize-head]]
+    python convert_weights.py SRC_HF_DIR DST_DIR [--dtype bf16|fp16|fp32] [--quant int8|int4|nf4 [--quantize-head]
+                              [--quantize-embedding]]
                               [--overwrite]
     python convert_weights.py SRC_CONVERTED_DIR DST_HF_DIR --to-hf
     python convert_weights.py SRC_HF_SWIN_DIR DST_DIR --vision [--dtype ...]   # a transformers SwinModel
@@ -29,8 +30,9 @@ def convert(args, parser) -> int:
     if not args.vision:
         return run_convert(args, parser)
     args.src, args.dst = args.src.expanduser(), args.dst.expanduser()
-    if args.quant or args.to_hf or args.group_size is not None or args.quantize_head:
-        parser.error("--vision converts a Swin checkpoint to the project format only (no --quant/--to-hf)")
+    if args.quant or args.to_hf or args.group_size is not None or args.quantize_head or args.quantize_embedding:
+        parser.error("--vision converts a Swin checkpoint to the project format only (no --quant, --group-size, "
+                     "--quantize-head, --quantize-embedding or --to-hf)")
     vision_to_project(args.src, args.dst, args.dtype, args.overwrite)
     print(f"wrote {args.dst}")
     return 0

@@ -260,6 +260,17 @@ def test_help_names_the_command_and_shows_defaults(command):
         assert "(default: as stored in SRC)" in text
 
 
+@pytest.mark.parametrize("flags", [["--quant", "int8"], ["--quantize-head"], ["--quantize-embedding"], ["--to-hf"]])
+def test_vision_conversion_refuses_language_model_options(tmp_path, flags):
+    # A Swin encoder has no quantized format, head or embedding table: an option meant for the LM is not ignored.
+    src = tmp_path / "swin"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    r = run(src, tmp_path / "out", "--vision", *flags, script="convert_weights.py")
+    assert_user_error(r, "--vision converts a Swin checkpoint to the project format only")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_weights_help_shows_defaults():
     r = run("--help", script="convert_weights.py")
     assert r.returncode == 0 and r.stdout.startswith("usage: convert_weights.py ")
