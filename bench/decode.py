@@ -23,8 +23,12 @@ calls that record / compile):
 Columns: call_ms (one generate() call, prompt included), tokens_per_s (batch x new tokens / call), step_ms and
 overhead_ms. For this project's rows step_ms is the recorded decode step alone (replayed with CUDA events at the
 middle context, `DecodeSession.replay`) and prefill_ms the prompt pass alone, so overhead_ms = call_ms - prefill_ms
-- (new_tokens - 1) x step_ms is what a generate() call costs beyond its prefill and steps. For transformers'
-rows step_ms is the marginal ms per token between calls of new_tokens and new_tokens / 2 (no overhead column).
+- (new_tokens - 1) x step_ms is what a generate() call costs beyond its prefill and steps. That difference is a
+few ms of a call of hundreds, so a step replayed alone that runs slightly faster or slower than the call's own
+steps (clocks, the contexts the call walks through) moves it: marginal_step_ms (the ms per token between calls of
+new_tokens and new_tokens / 2, as transformers' rows measure theirs) and overhead_marginal_ms (the same
+difference with it) give a second estimate that does not lean on the replay. For transformers' rows step_ms is
+that marginal ms per token (no overhead column).
 bw_util = bytes a step must read (every weight once + the KV cache up to the middle context) / step_ms / copy
 bandwidth measured in this run; call_bw_util the same over the decode part of the whole call. The ratio table
 gives call_ms(peer) / call_ms(stablelm) per row.
@@ -80,16 +84,20 @@ def wall_ms(fn, iters: int) -> float:
 
 
 def ours_row(model, session, ids, new, iters, warmup, use_ops=None, timing_iters=3, **kw):
-    """(call_ms, step_ms, prefill_ms) of generate() through `session`, under the ops choice `use_ops`."""
+    """(call_ms, step_ms, prefill_ms, marginal_step_ms) of generate() through `session`, under the ops choice
+    `use_ops`; marginal_step_ms as transformers' rows get theirs, from calls of new and new / 2 tokens."""
     batch, context = ids.shape
     mask = torch.ones_like(ids)
+    half = max(1, new // 2)
     with ops.using(**(use_ops or {})):
-        def call():
-            return generate(model, ids, attention_mask=mask, session=session, max_new_tokens=new, stop_ids=[], **kw)
+        def call(n=new):
+            return generate(model, ids, attention_mask=mask, session=session, max_new_tokens=n, stop_ids=[], **kw)
         for _ in range(warmup):
             out = call()
+            call(half)  # its cache length may be another bucket: recorded here, not timed
         assert out.shape == (batch, new), out.shape
         call_ms = wall_ms(call, iters)
+        marginal_step_ms = (call_ms - wall_ms(lambda: call(half), iters)) / (new - half) if new > half else None
         steps = min(32, new)
         at = context + max(1, (new - steps) // 2)  # the middle of the call's contexts
         step_ms = time_cuda(lambda: session.replay(steps, at), warmup=1, iters=timing_iters) / steps
@@ -101,7 +109,7 @@ def ours_row(model, session, ids, new, iters, warmup, use_ops=None, timing_iters
                 model.prefill(cache, ids)
         prefill_ms = time_cuda(prefill, warmup=1, iters=timing_iters)
         del cache
-    return call_ms, step_ms, prefill_ms
+    return call_ms, step_ms, prefill_ms, marginal_step_ms
 
 
 def hf_row(hf, ids, new, iters, warmup, **kw):
@@ -183,8 +191,8 @@ def main(argv=None):
         ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
         row = dict(impl=impl + suffix, batch=batch, context=context, new_tokens=new)
         try:
-            call_ms, step_ms, prefill_ms = ours_row(model, session, ids, new, iters, warmup, use_ops, timing_iters,
-                                                    **kw)
+            call_ms, step_ms, prefill_ms, marginal = ours_row(model, session, ids, new, iters, warmup, use_ops,
+                                                              timing_iters, **kw)
         except Exception as e:  # a failing peer is reported, not fatal to the other rows
             row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
@@ -194,6 +202,8 @@ def main(argv=None):
         row.update(call_ms=call_ms, tokens_per_s=batch * new * 1e3 / call_ms, step_ms=step_ms,
                    step_source="replay", prefill_ms=prefill_ms,
                    overhead_ms=call_ms - prefill_ms - (new - 1) * step_ms)
+        if marginal is not None:
+            row.update(marginal_step_ms=marginal, overhead_marginal_ms=call_ms - prefill_ms - (new - 1) * marginal)
         if copy_gbs:
             nbytes = step_bytes(model, cfg, batch, mid, elt)
             row["bw_util"] = nbytes / (step_ms * 1e-3) / (copy_gbs * 1e9)
@@ -254,8 +264,8 @@ def main(argv=None):
         ratios.append(ratio)
 
     columns = ["impl", "batch", "context", "new_tokens", "call_ms", "tokens_per_s", "step_ms", "step_source",
-               "prefill_ms", "overhead_ms", "bw_util", "call_bw_util", "peak_vram_gib", "speedup_of_stablelm",
-               "error"]
+               "prefill_ms", "overhead_ms", "overhead_marginal_ms", "bw_util", "call_bw_util", "peak_vram_gib",
+               "speedup_of_stablelm", "error"]
     print()
     print(markdown_table(rows, columns))
     ratio_columns = sorted({k for r in ratios for k in r}, key=lambda k: (not k.startswith("batch"),

@@ -17,6 +17,8 @@ def test_decode_tiny(tmp_path):
         r = rows[impl]
         assert r["step_source"] == "replay" and r["step_ms"] > 0 and r["prefill_ms"] > 0
         assert r["overhead_ms"] == r["call_ms"] - r["prefill_ms"] - (r["new_tokens"] - 1) * r["step_ms"]
+        assert r["overhead_marginal_ms"] == (r["call_ms"] - r["prefill_ms"]
+                                             - (r["new_tokens"] - 1) * r["marginal_step_ms"])
     ratio = payload["ratios"][0]
     assert ratio["vs transformers-sdpa"] == rows["transformers-sdpa"]["call_ms"] / rows["stablelm"]["call_ms"]
     assert json.loads(out.read_text())["env"]["torch"]
