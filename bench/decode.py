@@ -1,6 +1,7 @@
 """Decode benchmark: the whole public generate() call of this project against its peers, same run, same weights.
 
-    python -m bench.decode [--rows 1x128,8x512,32x512] [--new-tokens 256] [--quant int8|int4]
+    python -m bench.decode [--rows 1x128,8x512,32x512] [--new-tokens 256]
+                           [--quant int8|int4 [--quantize-head] [--quantize-embedding]]
                            [--peers stablelm-eager,stablelm-torch-compile,transformers-sdpa,transformers-static-compile]
                            [--out bench/results/decode_h200.json]
     python -m bench.decode --tiny        # small random model on the CPU (a smoke run of the same code)
@@ -142,9 +143,14 @@ def main(argv=None):
     ap.add_argument("--eager-batches", default="1", help="batch sizes where stablelm-eager runs")
     ap.add_argument("--quant", choices=["int8", "int4"])
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (tiny: 32)")
+    ap.add_argument("--quantize-head", action="store_true", help="with --quant: the lm_head too (convert's option)")
+    ap.add_argument("--quantize-embedding", action="store_true",
+                    help="with --quant: the embedding table too (convert's option)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
+    if (args.quantize_head or args.quantize_embedding) and not args.quant:
+        ap.error("--quantize-head and --quantize-embedding need --quant int8|int4")
     cuda, device, dtype = bench_device(ap, args.tiny)
     peers = [] if args.peers == "none" else args.peers.split(",")
     unknown = sorted(set(peers) - set(PEERS))
@@ -165,12 +171,15 @@ def main(argv=None):
     env = environment()
     copy_gbs = copy_bandwidth_gbs() if cuda else None
     model = StableLM.random(cfg, device=device, dtype=dtype)
+    suffix = ""
     if args.quant:
-        from stablelm.quantize import quantize_model
+        from stablelm.quantize import DEFAULT_SKIP, HEAD_QUANTIZED_SKIP, quantize_model
         group = 32 if args.tiny else args.group_size  # the tiny MLP width (352) is not a multiple of 128
-        quantize_model(model, {"int8": 8, "int4": 4}[args.quant], group)
+        quantize_model(model, {"int8": 8, "int4": 4}[args.quant], group,
+                       skip=HEAD_QUANTIZED_SKIP if args.quantize_head else DEFAULT_SKIP, embed=args.quantize_embedding)
+        suffix = f"-{args.quant}" + ("-head" if args.quantize_head else "") + ("-embed" if args.quantize_embedding
+                                                                                else "")
     elt = torch.finfo(dtype).bits // 8
-    suffix = f"-{args.quant}" if args.quant else ""
     reference_ops = {op: "torch" for op in ops.CUDA_PREFERENCE}
     rows = []
 
@@ -274,7 +283,8 @@ def main(argv=None):
     print("speedup of stablelm's generate() (peer call time / ours):")
     print(markdown_table(ratios, ratio_columns))
     payload = {"benchmark": "decode", "env": env, "model": args.preset if not args.tiny else "tiny",
-               "dtype": str(dtype), "quant": args.quant, "copy_bandwidth_gbs": copy_gbs, "new_tokens": new,
+               "dtype": str(dtype), "quant": args.quant, "quantize_head": args.quantize_head,
+               "quantize_embedding": args.quantize_embedding, "copy_bandwidth_gbs": copy_gbs, "new_tokens": new,
                "iters": iters, "rows": rows, "ratios": ratios}
     if args.out:
         write_json(args.out, payload)

@@ -31,7 +31,10 @@ for s in $steps; do
     decode)  step python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
     quant)   for q in int8 int4; do
                step python -m bench.decode --quant $q --rows 1x128,8x512 --peers none --out "$OUT/decode_${q}_${TAG}.json"
-             done ;;
+             done
+             # the size target's layout: int4 with the lm_head and the embedding table quantized too
+             step python -m bench.decode --quant int4 --quantize-head --quantize-embedding --rows 1x128 --peers none \
+               --out "$OUT/decode_int4_head_embed_${TAG}.json" ;;
     train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" ;;
     tp)      step python -m bench.tp_decode --out "$OUT/tp_decode_${TAG}.json" ;;
     prefill) step python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;

@@ -2,6 +2,8 @@
 same code paths)."""
 import json
 
+import pytest
+
 from bench import decode, prefill
 
 
@@ -22,6 +24,21 @@ def test_decode_tiny(tmp_path):
     ratio = payload["ratios"][0]
     assert ratio["vs transformers-sdpa"] == rows["transformers-sdpa"]["call_ms"] / rows["stablelm"]["call_ms"]
     assert json.loads(out.read_text())["env"]["torch"]
+
+
+def test_decode_tiny_quantized_head_and_embedding():
+    payload = decode.main(["--tiny", "--quant", "int4", "--quantize-head", "--quantize-embedding", "--peers", "none"])
+    rows = {r["impl"]: r for r in payload["rows"]}
+    assert set(rows) == {"stablelm-int4-head-embed"}, set(rows)
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    assert payload["quantize_head"] and payload["quantize_embedding"]
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_decode_quantized_options_need_quant(capsys):
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--tiny", "--quantize-head"])
+    assert e.value.code == 2 and "need --quant" in capsys.readouterr().err
 
 
 def test_prefill_tiny():
