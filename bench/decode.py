@@ -61,11 +61,10 @@ def build_hf(model, attn):
     from transformers import StableLmConfig, StableLmForCausalLM
 
     from stablelm.checkpoint import project_to_hf
-    p = model.embed.weight
     config = StableLmConfig(**model.config.to_hf())
     config._attn_implementation = attn
-    with torch.device(p.device):
-        hf = StableLmForCausalLM(config).to(p.dtype).eval()
+    with torch.device(model.device):
+        hf = StableLmForCausalLM(config).to(model.dtype).eval()
     hf.load_state_dict(project_to_hf(model.state_dict(), model.config))
     return hf
 

@@ -172,7 +172,7 @@ def evaluate(model, tokenizer, examples, batch_size: int = 16, max_length: int =
     was_training = model.training
     model.eval()
     label2id = model.config.labels()[1]
-    device = model.embed.weight.device
+    device = model.device
     gold, pred, loss_sum = [], [], 0.0
     for ids, mask, labels in tqdm(batches(examples, tokenizer, label2id, batch_size, max_length,
                                           model.config.pad_token_id),
@@ -192,7 +192,7 @@ def fit(model, tokenizer, train_examples, eval_examples=None, epochs: int = 3, b
     also logged as one line. The eval metrics come from eval_examples, or the training set without them."""
     torch.manual_seed(seed)
     label2id = model.config.labels()[1]
-    device = model.embed.weight.device
+    device = model.device
     steps_per_epoch = -(-len(train_examples) // batch_size)
     optimizer, scheduler = make_optimizer(model, lr, weight_decay, epochs * steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -227,7 +227,7 @@ def cmd_generate(args, parser) -> int:
     beam = config.num_beams > 1
     start = time.perf_counter()
     out = generate(model, input_ids, config=config, streamer=None if beam else stream, progress=beam)
-    if model.embed.weight.is_cuda:
+    if model.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     if beam:

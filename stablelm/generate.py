@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
-import math
 import sys
 import weakref
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import ops
-from .cache import KVCache
 from .graph import CUDAGraphBuilder, EagerBuilder
 from .model import DEFAULT_PREFILL_CHUNK
 
@@ -399,7 +397,7 @@ class DecodeSession:
     def __init__(self, model, *, builder=None, bucket: int | None = None, max_buckets: int = 4,
                  _weak: bool = False):
         if bucket is None:
-            bucket = DEFAULT_BUCKET.get(model.embed.weight.device.type, DEFAULT_BUCKET["cuda"])
+            bucket = DEFAULT_BUCKET.get(model.device.type, DEFAULT_BUCKET["cuda"])
         if not isinstance(bucket, int) or bucket < 1 or not isinstance(max_buckets, int) or max_buckets < 1:
             raise ValueError("bucket and max_buckets must be positive integers")
         self._model = weakref.ref(model) if _weak else (lambda: model)
@@ -468,11 +466,11 @@ class DecodeSession:
             return self._buckets[key]
         while len(self._buckets) >= self.max_buckets:
             self._buckets.popitem(last=False)
-        device = model.embed.weight.device
+        device = model.device
         if device.type == "cuda" and self._buckets:
             cfg = model.config
             need = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * key[1] * cfg.head_dim * \
-                model.embed.weight.element_size()
+                torch.finfo(model.dtype).bits // 8
             while self._buckets and _free_cuda_bytes(device) < 1.1 * need:
                 self._buckets.popitem(last=False)
         self._buckets[key] = bucket = _Bucket(model, *key)
@@ -616,7 +614,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
             raise TypeError("pass input_embeds or transformers' inputs_embeds, not both")
         input_embeds = kwargs.pop("inputs_embeds")
     cfg = config or GenerationConfig()
-    device = model.embed.weight.device
+    device = model.device
     batch, prompt_len, mask = _check_prompt(model, input_ids, attention_mask, input_embeds, device)
     cfg = cfg.replace(**_from_transformers(kwargs, cfg, prompt_len))
     vocab = model.config.vocab_size
@@ -653,7 +651,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, attention_mask: to
     step = session._step(bucket, "forward" if beams > 1 else "select", sel, builder, device)
     session._last = (bucket, step)
 
-    cache, state = bucket.cache, bucket.state
+    cache = bucket.cache
     cache.reset()
     seen = None
     if cfg.repetition_penalty != 1.0:

@@ -203,6 +203,16 @@ class StableLMModel(nn.Module):
         self.rotary = Rotary(config)
         self.gradient_checkpointing = False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's float dtype: that of the final LayerNorm, which stays float in every layout (a quantized
+        embedding table or linear layer carries integer codes)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     @classmethod
     def random(cls, config: StableLMConfig, seed: int = 0, std: float = 0.02, device="cpu",
                dtype: torch.dtype = torch.float32):
@@ -225,7 +235,6 @@ class StableLMModel(nn.Module):
         fresh head, as transformers initialises one: how a classifier starts from a pretrained causal LM.
         config_changes: fields to set, e.g. num_labels=3, id2label={...}, pad_token_id=0."""
         cfg = dataclasses.replace(source.config, architectures=[ARCHITECTURE_OF[cls]], **config_changes)
-        p = source.embed.weight
         # Built on the meta device so only the new head takes memory.
         with torch.device("meta"):
             model = cls(cfg)
@@ -237,7 +246,7 @@ class StableLMModel(nn.Module):
                              f"{sorted(set(missing) - head)}, unexpected {sorted(unexpected)}")
         for name, child in model.named_children():
             if name not in BACKBONE_MODULES and name != "rotary":
-                child.to_empty(device=p.device).to(p.dtype)
+                child.to_empty(device=source.device).to(source.dtype)
                 if isinstance(child, nn.Linear):
                     _init_head(child)
         model.rotary = source.rotary
@@ -245,8 +254,7 @@ class StableLMModel(nn.Module):
         return model
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.embed.weight
-        return KVCache.for_model(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+        return KVCache.for_model(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -320,8 +328,8 @@ class StableLMModel(nn.Module):
             if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"input_embeds must be [batch, seq, {self.config.hidden_size}], got "
                                  f"{tuple(input_embeds.shape)}")
-            if input_embeds.dtype != self.embed.weight.dtype:
-                raise ValueError(f"input_embeds dtype {input_embeds.dtype} != model dtype {self.embed.weight.dtype}")
+            if input_embeds.dtype != self.dtype:
+                raise ValueError(f"input_embeds dtype {input_embeds.dtype} != model dtype {self.dtype}")
             return input_embeds
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")

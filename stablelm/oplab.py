@@ -406,7 +406,7 @@ def model_speed(model, op: str, impl: str, prompt: int = 2048, batch: int = 8, c
     from .graph import GraphDecodeStep
 
     model = model.to(torch.bfloat16)
-    device = model.embed.weight.device
+    device = model.device
     torch.cuda.empty_cache()
     gen = torch.Generator().manual_seed(2)
     vocab = model.config.vocab_size

@@ -121,9 +121,8 @@ class QuantEmbedding(nn.Module):
     tensor indexing, so it runs inside a CUDA graph and on the meta device; an id outside [0, vocab) raises
     IndexError on the CPU, as nn.Embedding does (index_select checks it; on CUDA it is a device-side assert).
 
-    `weight` is no table: a [0, hidden] tensor of `dtype` on the buffers' device, so code that reads
-    `embed.weight.device` / `.dtype` / `.element_size()` (generate, classify, the report model) keeps working; it
-    has no rows to read (F.embedding over it raises IndexError for any id)."""
+    It has no `weight`: the model's device and float dtype are StableLMModel.device / .dtype (its final LayerNorm's),
+    which every caller reads instead of the table's."""
 
     def __init__(self, qweight, scales, zeros, bits: int, group_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -146,10 +145,6 @@ class QuantEmbedding(nn.Module):
         rows = dequantize_weight(self.qweight.index_select(0, flat), self.scales.index_select(0, flat), zeros,
                                  self.bits, self.group_size)
         return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.empty((0, self.embedding_dim), dtype=self.dtype, device=self.qweight.device)
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() / .float() change the output dtype as they change a float parameter:
@@ -175,7 +170,7 @@ def match_embedding_dtype(model: nn.Module) -> None:
     skeleton with load_state_dict(assign=True) (checkpoint.load, parallel.load_sharded)."""
     embed = getattr(model, "embed", None)
     if isinstance(embed, QuantEmbedding):
-        embed.dtype = model.norm.weight.dtype
+        embed.dtype = model.dtype
 
 
 # The modules that stand in for a frozen nn.Linear (LoRA wraps them as it wraps nn.Linear).

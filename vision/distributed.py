@@ -207,7 +207,7 @@ def step_loss(wrapped: nn.Module, model: nn.Module, batch: dict, ranks: Ranks) -
     """(the loss to call backward on, the global batch's mean token loss, detached, for logging). Across ranks the
     first is this rank's token mean scaled by world * rank_tokens / global_tokens (module docstring)."""
     device = ranks.device
-    images = batch["images"].to(device, model.lm.embed.weight.dtype)
+    images = batch["images"].to(device, model.lm.dtype)
     if not ranks.distributed:
         loss = wrapped(images, batch["reports"], batch["image_mask"].to(device))
         return loss, loss.detach()

@@ -415,7 +415,7 @@ def evaluate(model: ReportModel, loader, device, limit: int | None = None, desc=
     samples = []
     main = not dist.is_initialized() or dist.get_rank() == 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=not main):
-        texts = model.generate(batch["images"].to(device, model.lm.embed.weight.dtype),
+        texts = model.generate(batch["images"].to(device, model.lm.dtype),
                                batch["image_mask"].to(device), **gen)
         for sid, ref, hyp in zip(batch["ids"], batch["reports"], texts):
             samples.append({"id": sid, "reference": ref, "generated": hyp})

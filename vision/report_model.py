@@ -281,7 +281,7 @@ class ReportModel(nn.Module):
         if changed:
             raise ValueError(f"ReportModel.generate returns one report per study: {changed} cannot be changed")
         kw = {"stop_ids": [self.end_id], "pad_id": self.end_id, **overrides, **GENERATION_OUTPUT}
-        embeds = self.prompt_embeds(self.encode_images(images, image_mask)).to(self.lm.embed.weight.dtype)
+        embeds = self.prompt_embeds(self.encode_images(images, image_mask)).to(self.lm.dtype)
         out = generate(self.lm, input_embeds=embeds, config=self.config.generation, **kw)
         texts = []
         for row in out.tolist():
