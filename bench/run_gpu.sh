@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
-#   OUT=bench/results bash bench/run_gpu.sh [tests|decode|quant|train|tp|prefill|kernels|checkop ...]
+#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|quant|train|tp|prefill|kernels|checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-par=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+par=$(python -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-12}")
 step() { timeout "$STEP_TIMEOUT" "$@" || echo "step failed or timed out (rc $?): $*"; }
 for s in $steps; do
   echo "=== $s ($(date +%T))"
@@ -23,11 +23,22 @@ for s in $steps; do
              # The contract tests run their full grid on CUDA; the parallel and tutorial tests have GPU branches.
              # -v names each result as it lands, so a step cut by its timeout still says which tests failed
              # (a -q summary prints only at the end); the whole log is kept under $OUT.
-             step python -m pytest -v -m gpu tests -p no:cacheprovider -rf $par -W ignore 2>&1 \
-               | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed"
-             step python -m pytest -v tests/test_contracts.py tests/test_parallel.py tests/test_tutorial.py \
-               -p no:cacheprovider -rf $par -W ignore 2>&1 | tee "$OUT/gpu_tests_grid.log" \
-               | grep -E "FAILED|ERROR|passed|failed" ;;
+             # PART=k/n runs every n-th GPU test from the k-th (the whole set takes ~17 min on an H200 with 12-15
+             # workers, more than one 10-minute device call: PART=1/2 and PART=2/2 in two calls).
+             sel="-m gpu tests"
+             if [ -n "${PART:-}" ]; then
+               sel=$(python -m pytest --collect-only -q -m gpu tests -p no:cacheprovider 2>/dev/null | grep "^tests/.*::" \
+                     | awk -v k="${PART%/*}" -v n="${PART#*/}" '(NR - k) % n == 0')
+             fi
+             # pytest-timeout (where installed) ends one stuck test with its traceback instead of the whole step.
+             limit=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")
+             step python -m pytest -v $sel -p no:cacheprovider -rf $par -W ignore $limit 2>&1 \
+               | tee "$OUT/gpu_tests${PART:+_part${PART%/*}}.log" | grep -E "FAILED|ERROR|passed|failed"
+             if [ -z "${PART:-}" ] || [ "${PART%/*}" = "${PART#*/}" ]; then  # once, with the last part
+               step python -m pytest -v tests/test_contracts.py tests/test_parallel.py tests/test_tutorial.py \
+                 -p no:cacheprovider -rf $par -W ignore 2>&1 | tee "$OUT/gpu_tests_grid.log" \
+                 | grep -E "FAILED|ERROR|passed|failed"
+             fi ;;
     decode)  step python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
     quant)   for q in int8 int4; do
                step python -m bench.decode --quant $q --rows 1x128,8x512 --peers none --out "$OUT/decode_${q}_${TAG}.json"
