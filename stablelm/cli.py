@@ -243,6 +243,8 @@ def cmd_generate(args, parser) -> int:
         rate += (f" (first token after {first_at - start:.2f} s, then "
                  f"{(n_tokens - 1) / max(time.perf_counter() - first_at, 1e-9):.1f} tokens/s)")
     _log(f"{rate}; prompt {len(ids)} tokens")
+    if args.tp:
+        parallel.finish()
     return 0
 
 

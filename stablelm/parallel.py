@@ -96,6 +96,17 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """End a run that succeeded on every rank: wait for the others, then leave the process group. A rank that tears
+    its connections down while a peer's last collective is still completing can abort that peer (gloo: "terminate
+    called without an active exception", seen once in CI under torchrun); the barrier orders it. For clean exits
+    only: a failing rank must not wait at a barrier its peers never reach (the atexit handler skips it)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -280,6 +280,16 @@ def world_of_one():
         torch.distributed.destroy_process_group()
 
 
+def test_finish_leaves_the_group_and_a_new_one_can_start(world_of_one):
+    parallel.init_distributed("cpu")
+    assert torch.distributed.is_initialized()
+    parallel.finish()
+    assert not torch.distributed.is_initialized()
+    parallel.finish()  # nothing to leave: a no-op
+    parallel.init_distributed("cpu")
+    assert torch.distributed.get_world_size() == 1
+
+
 def test_tp1_in_process_equals_plain_and_is_inference_only(checkpoints, world_of_one):
     _, dirs = checkpoints
     plain, tp = stablelm.load(dirs["kv2_parallel_tied"]), stablelm.load(dirs["kv2_parallel_tied"], tp=1)
