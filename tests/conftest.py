@@ -40,3 +40,13 @@ def tokenizer_dir(synth, tmp_path_factory):
 
     reports = [e["report"].lower() for e in load_annotation(synth / "annotation.json")["train"]]
     return str(build_tokenizer(reports + [ReportConfig().instruction], tmp_path_factory.mktemp("tok"), 512))
+
+
+@pytest.fixture
+def world_of_one():
+    """No torchrun environment: load(tp=...) starts a world of one in this process (gloo, in-memory store)."""
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    yield
+    os.environ.update(env)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

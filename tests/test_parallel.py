@@ -270,16 +270,6 @@ def test_int4_row_parallel_must_keep_groups_whole():
         parallel.Shard.of(c, 0, 2, {"bits": 4, "group_size": 64})
 
 
-@pytest.fixture
-def world_of_one():
-    """No torchrun environment: load(tp=...) starts a world of one in this process (gloo, in-memory store)."""
-    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    yield
-    os.environ.update(env)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def test_finish_leaves_the_group_and_a_new_one_can_start(world_of_one):
     parallel.init_distributed("cpu")
     assert torch.distributed.is_initialized()

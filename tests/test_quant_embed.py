@@ -315,17 +315,6 @@ def test_greedy_decode_through_generate(converted, dtype):
             assert torch.equal(logits[:, 4:].argmax(-1), new)
 
 
-@pytest.fixture
-def world_of_one():
-    """No torchrun environment: load(tp=...) starts a world of one in this process (gloo, in-memory store)."""
-    import os
-    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    yield
-    os.environ.update(env)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def test_tensor_parallel_replicates_the_quantized_embedding(converted, world_of_one):
     dirs, _, vocab = converted
     dst = dirs["int4", True, True]
