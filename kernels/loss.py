@@ -14,11 +14,12 @@ Implementations:
   "chunked"  torch.autograd.Function: the tokens go through in chunks of `chunk_rows(V)` rows; per chunk the logits
              [c, V] (hidden's dtype) are computed, reduced to the chunk's loss, and turned at once into their gradient
              (softmax - one-hot) / n_labelled, from which grad_hidden (= g @ W) and grad_weight (+= g^T @ h, in the
-             weight's dtype: float32 inside each chunk's product, one rounding per chunk) are formed; the chunk's logits are then dropped. The
-             gradients are thus computed in the forward (the Liger-Kernel recipe: the loss is the graph's end, so
-             d loss only scales them) and backward multiplies them by the incoming scalar. Peak memory: one chunk's
-             logits and its float32 softmax instead of all of them; no activation is saved for backward but the
-             gradients themselves.
+             weight's dtype: float32 inside each chunk's product, one rounding per chunk) are formed; the chunk's
+             logits are then dropped. The gradients are thus computed in the forward (the Liger-Kernel recipe: the
+             loss is the graph's end, so d loss only scales them) and backward multiplies them by the incoming
+             scalar. Peak memory: one chunk's logits and one float32 buffer of them (shifted, exponentiated and
+             normalised in place, the gradient written back over the logits) instead of all of them; no activation
+             is saved for backward but the gradients themselves.
   "triton"   the same chunking with the per-chunk softmax / loss / gradient in one Triton kernel working in place on
              the chunk's logits (two passes over each row: an online max / sum of exponentials, then the gradient
              written over the logits in their dtype), so a chunk needs no float32 copy at all.

@@ -183,7 +183,8 @@ class Shard(NamedTuple):
             raise ValueError(f"tp={size}: vocab_size={V} is too small to give every rank vocabulary rows")
         if quant and quant.get("format", "int") != "int":
             raise ValueError(f"tensor parallelism slices the int8 / int4 formats; this checkpoint is "
-                             f"{quant['format']}: load it without tp=, or convert the model with --quant int8 / int4 to shard it")
+                             f"{quant['format']}: load it without tp=, or convert the model with --quant int8 / "
+                             f"int4 to shard it")
         if quant and quant.get("bits") == 4:
             g = quant["group_size"]
             for layer, k_local in (("attn.o", h * cfg.head_dim), ("mlp.down", i)):

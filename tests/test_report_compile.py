@@ -1,8 +1,8 @@
 """The report model's compiled training step (ReportModel.compile_loss, TrainConfig.compile, `--compile`) on the
 CPU: the LM part of the loss traces as one graph, the compiled loss and the gradients of every trained tensor equal
 eager's (float32, relative 1e-5), a compiled step trains, `python -m vision.train --compile` compiles and trains,
-and bad settings are clear errors. Backends aot_eager (the graphs dynamo and AOT autograd capture, forward and backward, without inductor's
-code generation) and eager keep each test to seconds."""
+and bad settings are clear errors. Backends aot_eager (the graphs dynamo and AOT autograd capture, forward and
+backward, without inductor's code generation) and eager keep each test to seconds."""
 import math
 import os
 import subprocess

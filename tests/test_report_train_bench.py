@@ -1,6 +1,7 @@
 """bench.report_train --tiny on the CPU: every row (LoRA peft / fused layouts, the compiled step, gradient
 checkpointing, full fine-tuning, QLoRA int8 / int4 / nf4, the transformers peers) present and finite, identical
-weights give the same step-0 loss, and the layouts train the parameter counts their adapter shapes imply (the peft layout: peft's)."""
+weights give the same step-0 loss, and the layouts train the parameter counts their adapter shapes imply (the peft
+layout: peft's)."""
 import json
 import math
 
