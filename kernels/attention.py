@@ -172,9 +172,13 @@ _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 8, 2, 
                         fallback=(32, 32, 4, 1), interpret_params=(32, 16, 4, 1))
 # Backward, per key block: the dk and dv accumulators (2 x BLOCK_N x D fp32) stay in registers for the whole
 # kernel, so the query step (BLOCK_M) stays small to leave room for the [BLOCK_N, BLOCK_M] score tiles.
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)],
+# Unpipelined (num_stages 1): with software pipelining, Triton 3.6's sm_90 code for these loops hit an illegal
+# address in the GPU contract grid (gradient cases; the same class of fault as triton-lang/triton#10573, a flash
+# attention backward at num_stages 2), while the CPU interpreter's bounds check finds no out-of-range access at any
+# of these block shapes. The backward is a small part of a training step at the report model's lengths.
+_DKDV_CONFIGS = _configs([(32, 128, 8, 1), (16, 128, 8, 1), (32, 64, 8, 1)],
                          fallback=(16, 32, 4, 1), interpret_params=(16, 32, 4, 1))
-_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+_DQ_CONFIGS = _configs([(128, 64, 8, 1), (128, 32, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1)],
                        fallback=(32, 16, 4, 1), interpret_params=(32, 16, 4, 1))
 # Autotune keys: head_dim split, causal and padding flags, and power-of-two buckets of the lengths (tuning per exact
 # length would re-tune on every new prompt length). Tensor dtypes are part of the key automatically.
