@@ -97,10 +97,11 @@ def ours_row(model, session, ids, new, iters, warmup, use_ops=None, timing_iters
             call(half)  # its cache length may be another bucket: recorded here, not timed
         assert out.shape == (batch, new), out.shape
         call_ms = wall_ms(call, iters)
-        marginal_step_ms = (call_ms - wall_ms(lambda: call(half), iters)) / (new - half) if new > half else None
         steps = min(32, new)
         at = context + max(1, (new - steps) // 2)  # the middle of the call's contexts
+        # replay() runs the last call's step and cache: before the shorter calls, whose bucket may be smaller
         step_ms = time_cuda(lambda: session.replay(steps, at), warmup=1, iters=timing_iters) / steps
+        marginal_step_ms = (call_ms - wall_ms(lambda: call(half), iters)) / (new - half) if new > half else None
         cache = model.make_cache(batch, context)
 
         def prefill():
@@ -135,8 +136,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke run)")
     ap.add_argument("--preset", default="stablelm-3b-4e1t")
-    ap.add_argument("--rows", default="1x128,8x512,32x512", help="batch x context rows")
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--rows", help="batch x context rows (default 1x128,8x512,32x512; tiny: 2x16)")
+    ap.add_argument("--new-tokens", type=int, help="default 256 (tiny: 8)")
     ap.add_argument("--iters", type=int, default=3, help="timed calls per row (median)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list from {PEERS}, or 'none'")
     ap.add_argument("--eager-batches", default="1", help="batch sizes where stablelm-eager runs")
@@ -156,14 +157,16 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown peers {unknown}; choose from {PEERS}")
     if args.tiny:
-        cfg, rows_spec, new, iters, warmup, timing_iters = preset("tiny"), [(2, 16)], 8, 1, 1, 1
+        cfg, iters, warmup, timing_iters = preset("tiny"), 1, 1, 1
+        rows, new = args.rows or "2x16", args.new_tokens or 8
         # CPU smoke run: dynamo traces the step but runs it eagerly (inductor's C++ build would take minutes).
         compiler = CompileBuilder(backend="eager", mode=None, warmup=1, capture=False)
     else:
-        cfg, new, iters, warmup = preset(args.preset), args.new_tokens, args.iters, 2
+        cfg, iters, warmup = preset(args.preset), args.iters, 2
         timing_iters = max(3, iters)
-        rows_spec = [tuple(int(v) for v in r.split("x")) for r in args.rows.split(",")]
+        rows, new = args.rows or "1x128,8x512,32x512", args.new_tokens or 256
         compiler = CompileBuilder()  # inductor kernels captured in one CUDA graph
+    rows_spec = [tuple(int(v) for v in r.split("x")) for r in rows.split(",")]
     eager_batches = {int(b) for b in args.eager_batches.split(",")} if not args.tiny else {2}
     if args.quant:
         peers = [p for p in peers if not p.startswith("transformers")]  # transformers runs the float model only

@@ -51,3 +51,12 @@ def test_decode_tiny_quantized():
     payload = decode.main(["--tiny", "--quant", "int4", "--peers", "none"])
     assert [r["impl"] for r in payload["rows"]] == ["stablelm-int4"]
     assert payload["rows"][0]["tokens_per_s"] > 0
+
+
+def test_decode_row_whose_half_length_call_takes_a_smaller_bucket():
+    # CPU buckets are 64 slots: the 20 + 64 token call takes a 128-slot cache, the marginal estimate's 20 + 32 token
+    # call a 64-slot one, and the replayed steps (at 36 .. 68) fit only the first.
+    payload = decode.main(["--tiny", "--rows", "1x20", "--new-tokens", "64", "--peers", "none"])
+    (row,) = payload["rows"]
+    assert "error" not in row, row["error"]
+    assert row["step_ms"] > 0 and row["marginal_step_ms"] is not None
