@@ -233,7 +233,7 @@ def test_model_verdict_fails_the_wrong_gqa_attention():
 # ----------------------------------------------------------------------------------------------------------------
 # GPU (the lead runs these): full grid, model at the 3B shape with speed, op speed
 
-GPU_GRID_SHARDS = 16  # each (op, implementation) grid in interleaved parts, so pytest-xdist spreads the slow ones
+GPU_GRID_SHARDS = 32  # each (op, implementation) grid in interleaved parts, so pytest-xdist spreads the slow ones
 
 
 @pytest.mark.gpu
