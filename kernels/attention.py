@@ -63,9 +63,12 @@ def attention_sdpa(q, k, v, kv_start=None, causal=True, scale=None):
     if kv_start is None and (not causal or Sq == Sk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Sq > 1, scale=scale, enable_gqa=gqa)
     visible = _mask(B, Sq, Sk, kv_start, causal, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
-    # Fully masked rows come back as NaN from SDPA; the contract says zeros.
-    return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    # A row with no visible key would come back NaN from SDPA, and its NaN probabilities would reach dk and dv in
+    # the backward even with a zero upstream gradient: such rows attend to every key here and are zeroed after
+    # (the contract's output for them), so their gradient is exactly zero.
+    empty = ~visible.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | empty, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -752,18 +755,48 @@ def _backward(dout, q, k, v, out, lse, kv_start, causal, scale):
     return dq, dk, dv
 
 
+# Devices where the backward of a split head_dim (D_HI > 0: 80 = 64 + 16, StableLM-3B's) runs through SDPA's
+# backward instead of the Triton kernels. On the H200 (Triton 3.6, sm_90) the split backward kernels hit an illegal
+# address in the GPU contract grid at head_dim 80, in fp16/bf16 at every block config tried and in fp32 at one,
+# while head_dim 64 passed every case and the CPU interpreter's bounds check finds no out-of-range access: until the
+# fault is found, gradients at these head dims come from torch's own attention backward (recomputed forward, the
+# flash or memory-efficient kernel). The forward stays Triton everywhere; on the CPU the interpreter runs the
+# Triton backward (the CPU tests keep checking it).
+SPLIT_HEAD_BACKWARD_VIA_SDPA = {"cuda"}
+
+
+def _backward_via_sdpa(q):
+    return q.device.type in SPLIT_HEAD_BACKWARD_VIA_SDPA and _split_head_dim(q.shape[-1])[1] > 0
+
+
+def _sdpa_grads(dout, q, k, v, kv_start, causal, scale):
+    """dq, dk, dv by recomputing the forward with attention_sdpa under autograd."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention_sdpa(*leaves, kv_start, causal, scale)
+        return torch.autograd.grad(out, leaves, dout)
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_start, causal, scale):
         out, lse = _forward(q, k, v, kv_start, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, kv_start)
+        ctx.via_sdpa = _backward_via_sdpa(q)
+        if ctx.via_sdpa:
+            ctx.save_for_backward(q, k, v, kv_start)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse, kv_start)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, kv_start = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, kv_start, ctx.causal, ctx.scale)
+        if ctx.via_sdpa:
+            q, k, v, kv_start = ctx.saved_tensors
+            dq, dk, dv = _sdpa_grads(dout, q, k, v, kv_start, ctx.causal, ctx.scale)
+        else:
+            q, k, v, out, lse, kv_start = ctx.saved_tensors
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, kv_start, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

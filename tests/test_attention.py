@@ -188,6 +188,36 @@ def test_sdpa_matches_reference():
     assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4])) and torch.isfinite(out).all()
 
 
+def test_sdpa_gradients_with_rows_that_see_no_key():
+    # Rows 0..3 of batch 1 see no key: their output is zero, and their gradient must not carry SDPA's NaN.
+    q, k, v = make_inputs(2, 4, 2, 9, 9, 64, torch.float32)
+    kv_start = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    dout = torch.randn(2, 4, 9, 64, device=DEVICE)
+    (out, got), (ref, want) = (run(f, q, k, v, dout, kv_start=kv_start) for f in (attention_sdpa, attention_ref))
+    for g, w, name in zip((out, *got), (ref, *want), ("out", "dq", "dk", "dv")):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.parametrize("D, via_sdpa", [(80, True), (64, False)])
+def test_split_head_dim_backward_route(monkeypatch, D, via_sdpa):
+    """Where SPLIT_HEAD_BACKWARD_VIA_SDPA names the device, a split head_dim (80 = 64 + 16) takes its gradients
+    from SDPA's backward and a power-of-two one from the Triton kernels; both agree with the reference."""
+    import kernels.attention as attn
+    monkeypatch.setattr(attn, "SPLIT_HEAD_BACKWARD_VIA_SDPA", {DEVICE})
+    calls = []
+    real = attn._sdpa_grads
+    monkeypatch.setattr(attn, "_sdpa_grads", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make_inputs(2, 4, 2, 21, 21, D, torch.float32)
+    kv_start = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    dout = torch.randn(2, 4, 21, D, device=DEVICE)
+    (out, got), (ref, want) = (run(f, q, k, v, dout, kv_start=kv_start) for f in (attention_triton, attention_ref))
+    assert bool(calls) == via_sdpa
+    for g, w, name in zip((out, *got), (ref, *want), ("out", "dq", "dk", "dv")):
+        torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
 def test_registered_in_op_table():
     assert {"torch", "sdpa", "triton"} <= set(ops.available("attention"))
 
