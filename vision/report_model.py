@@ -211,14 +211,19 @@ class ReportModel(nn.Module):
         return ids.to(device), mask.to(device)
 
     # ------------------------------------------------------------------ training / generation
+    def report_embeds(self, features: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt embeds, prompt + report embeds) from encoder features and tokenized reports: the one assembly
+        of the LM's input that training_inputs (eager loss) and lm_loss (compiled loss) share."""
+        prompt = self.prompt_embeds(self.project(features))
+        return prompt, torch.cat([prompt, self.lm.embed(ids)], dim=1)
+
     def training_inputs(self, images, reports: list[str], image_mask=None):
         """(input embeds, labels, attention mask) of `[bos, prompt_before, visual, prompt_after, report + end]`,
         reports right padded; labels are -100 on everything but the report and its end token."""
         if len(reports) != images.shape[0]:
             raise ValueError(f"{len(reports)} reports for {images.shape[0]} studies")
-        prompt = self.prompt_embeds(self.encode_images(images, image_mask))
         ids, mask = self.tokenize_reports(reports, images.device)
-        embeds = torch.cat([prompt, self.lm.embed(ids)], dim=1)
+        prompt, embeds = self.report_embeds(self.encoder_features(images, image_mask), ids)
         labels = torch.cat([torch.full(prompt.shape[:2], -100, dtype=torch.long, device=ids.device),
                             ids.masked_fill(mask == 0, -100)], dim=1)
         attention_mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long, device=ids.device), mask], 1)
@@ -251,8 +256,7 @@ class ReportModel(nn.Module):
         by the loss (where StableLM.loss selects the labelled positions by a boolean mask: a data-dependent
         shape, i.e. a graph break and a host sync); and no attention mask goes to the LM, as right padding under
         the causal mask changes nothing (StableLM.forward reads the mask on the host to find that out)."""
-        prompt = self.prompt_embeds(self.project(features))
-        embeds = torch.cat([prompt, self.lm.embed(ids)], dim=1)
+        prompt, embeds = self.report_embeds(features, ids)
         hidden = StableLMModel.forward(self.lm, input_embeds=embeds)  # the backbone: the head is fused below
         h = hidden[:, prompt.shape[1] - 1:-1].flatten(0, 1)  # position t predicts report token t + 1
         return self.lm.head_loss(h, ids.masked_fill(mask == 0, -100).flatten())
