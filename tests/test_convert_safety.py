@@ -120,9 +120,17 @@ def big_src(tmp_path_factory):
                                      intermediate_size=352, num_hidden_layers=200)
 
 
+def _default_signals():
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_and_wait_for_temporary(src, dst):
+    # Default dispositions in the child: a runner started under nohup or in a background job hands its children
+    # SIGHUP / SIGINT ignored, and the converter rightly leaves an ignored signal ignored.
     proc = subprocess.Popen([sys.executable, str(ROOT / "convert_weights.py"), str(src), str(dst), "--dtype",
-                             "fp16"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "fp16"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
     deadline = time.monotonic() + 120
     while not list(dst.parent.glob(f".{dst.name}.tmp-*")):
         assert proc.poll() is None, f"conversion ended before it was signalled: {proc.communicate()[1]}"
