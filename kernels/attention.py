@@ -175,13 +175,12 @@ _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 8, 2, 
                         fallback=(32, 32, 4, 1), interpret_params=(32, 16, 4, 1))
 # Backward, per key block: the dk and dv accumulators (2 x BLOCK_N x D fp32) stay in registers for the whole
 # kernel, so the query step (BLOCK_M) stays small to leave room for the [BLOCK_N, BLOCK_M] score tiles.
-# Unpipelined (num_stages 1): with software pipelining, Triton 3.6's sm_90 code for these loops hit an illegal
-# address in the GPU contract grid (gradient cases; the same class of fault as triton-lang/triton#10573, a flash
-# attention backward at num_stages 2), while the CPU interpreter's bounds check finds no out-of-range access at any
-# of these block shapes. The backward is a small part of a training step at the report model's lengths.
-_DKDV_CONFIGS = _configs([(32, 128, 8, 1), (16, 128, 8, 1)],
+# The (32, 64, 8 warps) dk/dv candidate is gone: on the H200 it faulted (illegal address) at head_dim 80 in fp32
+# when pinned alone. Unpipelined (num_stages 1) candidates did not remove the split-head_dim fault either (see
+# SPLIT_HEAD_BACKWARD_VIA_SDPA), so the pipelined ones stay: head_dim 64's gradient cases passed on the GPU with them.
+_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (16, 128, 8, 3)],
                          fallback=(16, 32, 4, 1), interpret_params=(16, 32, 4, 1))
-_DQ_CONFIGS = _configs([(128, 64, 8, 1), (128, 32, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1)],
+_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
                        fallback=(32, 16, 4, 1), interpret_params=(32, 16, 4, 1))
 # Autotune keys: head_dim split, causal and padding flags, and power-of-two buckets of the lengths (tuning per exact
 # length would re-tune on every new prompt length). Tensor dtypes are part of the key automatically.
@@ -757,11 +756,11 @@ def _backward(dout, q, k, v, out, lse, kv_start, causal, scale):
 
 # Devices where the backward of a split head_dim (D_HI > 0: 80 = 64 + 16, StableLM-3B's) runs through SDPA's
 # backward instead of the Triton kernels. On the H200 (Triton 3.6, sm_90) the split backward kernels hit an illegal
-# address in the GPU contract grid at head_dim 80, in fp16/bf16 at every block config tried and in fp32 at one,
-# while head_dim 64 passed every case and the CPU interpreter's bounds check finds no out-of-range access: until the
-# fault is found, gradients at these head dims come from torch's own attention backward (recomputed forward, the
-# flash or memory-efficient kernel). The forward stays Triton everywhere; on the CPU the interpreter runs the
-# Triton backward (the CPU tests keep checking it).
+# address in the GPU contract grid at head_dim 80, in fp16/bf16 under autotuning, pipelined or not, and in fp32 at
+# one config, while head_dim 64 passed every case and the CPU interpreter's bounds check finds no out-of-range
+# access: until the fault is found, gradients at these head dims come from torch's own attention backward
+# (recomputed forward, the flash or memory-efficient kernel). The forward stays Triton everywhere; on the CPU the
+# interpreter runs the Triton backward (the CPU tests keep checking it).
 SPLIT_HEAD_BACKWARD_VIA_SDPA = {"cuda"}
 
 
