@@ -67,7 +67,11 @@ def attention_sdpa(q, k, v, kv_start=None, causal=True, scale=None):
     # the backward even with a zero upstream gradient: such rows attend to every key here and are zeroed after
     # (the contract's output for them), so their gradient is exactly zero.
     empty = ~visible.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | empty, scale=scale, enable_gqa=gqa)
+    if gqa:
+        # With a mask SDPA's memory-efficient kernel takes no enable_gqa (math would materialise every score
+        # instead): one key / value head per query head, as repeat_interleave orders them, is cheaper.
+        k, v = (t[:, :, None].expand(B, Hkv, Hq // Hkv, Sk, D).reshape(B, Hq, Sk, D) for t in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | empty, scale=scale)
     return out.masked_fill(empty, 0.0)
 
 
