@@ -158,14 +158,18 @@ def main(argv=None):
         ap.error(f"unknown peers {unknown}; choose from {PEERS}")
     if args.tiny:
         cfg, iters, warmup, timing_iters = preset("tiny"), 1, 1, 1
-        rows, new = args.rows or "2x16", args.new_tokens or 8
+        rows = args.rows or "2x16"
+        new = 8 if args.new_tokens is None else args.new_tokens
         # CPU smoke run: dynamo traces the step but runs it eagerly (inductor's C++ build would take minutes).
         compiler = CompileBuilder(backend="eager", mode=None, warmup=1, capture=False)
     else:
         cfg, iters, warmup = preset(args.preset), args.iters, 2
         timing_iters = max(3, iters)
-        rows, new = args.rows or "1x128,8x512,32x512", args.new_tokens or 256
+        rows = args.rows or "1x128,8x512,32x512"
+        new = 256 if args.new_tokens is None else args.new_tokens
         compiler = CompileBuilder()  # inductor kernels captured in one CUDA graph
+    if new < 1:
+        ap.error(f"--new-tokens must be >= 1, got {new}")
     rows_spec = [tuple(int(v) for v in r.split("x")) for r in rows.split(",")]
     eager_batches = {int(b) for b in args.eager_batches.split(",")} if not args.tiny else {2}
     if args.quant:

@@ -60,3 +60,9 @@ def test_decode_row_whose_half_length_call_takes_a_smaller_bucket():
     (row,) = payload["rows"]
     assert "error" not in row, row["error"]
     assert row["step_ms"] > 0 and row["marginal_step_ms"] is not None
+
+
+def test_decode_refuses_zero_new_tokens(capsys):
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--tiny", "--new-tokens", "0"])
+    assert e.value.code == 2 and "--new-tokens must be >= 1" in capsys.readouterr().err
