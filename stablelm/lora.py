@@ -16,6 +16,11 @@ Two layouts for a fused projection with several ranges:
                    on x serves the n adapters (peft draws one per adapter: equal in distribution, not draw for draw;
                    identical without dropout).
 
+The adapters train in float32 on a bf16/fp16 base, as peft's do. Their input product x @ A^T is one autograd
+function (_LoRAInput) that keeps the dropped input for A's gradient in x's own dtype with a bool mask, where
+autograd through `dropout(x).float() @ A.t()` would keep a float32 copy: 2 bytes per input element instead of 4, on
+the four wide inputs of every layer (measured at the 3B shape: the largest saved activation of a LoRA step).
+
 The base weight is frozen; B starts at zero so a fresh adapter leaves the model's output unchanged. `LM_TARGETS` are
 the decoder's linears; `make_optimizer` is the AdamW + cosine decay the report model trains with, and
 `trainable_state_dict` what its checkpoints keep. It lives in stablelm/ (not vision/) so the classification heads
@@ -32,6 +37,39 @@ from .quantize import QUANTIZED_LINEARS
 
 # What LoRA wraps: nn.Linear and its frozen quantized stand-ins.
 LINEAR_TYPES = (nn.Linear,) + QUANTIZED_LINEARS
+
+
+class _LoRAInput(torch.autograd.Function):
+    """h = dropout(x) @ A^T, computed in A's dtype (float32). Dropout zeroes entries exactly in any dtype, so the
+    kept input is saved as x * mask in x's dtype and the 1 / (1 - p) rescaling is applied to the float32 product
+    (h equals the float32 formula). The mask is saved too: x * mask alone cannot tell a dropped entry from an
+    entry that was zero, which the gradient of x needs."""
+
+    @staticmethod
+    def forward(ctx, x, A, p: float, training: bool):
+        mask, keep = None, 1.0
+        if training and p > 0:
+            mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+            x, keep = x * mask, 1.0 / (1 - p)
+        h = x.to(A.dtype) @ A.t()
+        ctx.save_for_backward(x, mask, A)
+        ctx.keep = keep
+        return h * keep if keep != 1.0 else h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        kept, mask, A = ctx.saved_tensors
+        if ctx.keep != 1.0:
+            grad_h = grad_h * ctx.keep
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_h @ A
+            if mask is not None:
+                grad_x = grad_x * mask
+            grad_x = grad_x.to(kept.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_A = grad_h.reshape(-1, grad_h.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1]).to(A.dtype)
+        return grad_x, grad_A, None, None
 
 
 class LoRALinear(nn.Module):
@@ -58,7 +96,9 @@ class LoRALinear(nn.Module):
         for a in self.lora_A.data.split(r):  # each adapter's A as peft / nn.Linear initialises it (fan_in = K)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.scale = alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         ranges = sorted(self.out_ranges)
         self._contiguous = ranges == self.out_ranges and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         self._covers_all = self._contiguous and ranges[0][0] == 0 and ranges[-1][1] == base.out_features
@@ -87,7 +127,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
+        h = _LoRAInput.apply(x, self.lora_A, self.dropout, self.training)
         delta = (h @ self.lora_B_matrix().t() * self.scale).to(out.dtype)
         if self._covers_all:
             return out + delta

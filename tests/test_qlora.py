@@ -7,6 +7,8 @@
 - LoRA with separate adapters on q/k/v/o/gate/up/down, computed through the fused qkv / gate_up, gives the loss and
   gradients of separate adapters on transformers' StableLmForCausalLM (peft's when peft is installed, otherwise an
   explicit per-projection adapter written here), with peft's trainable parameter count;
+- the adapter input product (dropout, then x @ A^T in float32) gives autograd's gradients through the float32
+  formula for the same dropout mask, and keeps the dropped input in x's dtype (not a float32 copy);
 - StableLM.loss (labelled positions only, fused head + loss) equals the full-logits loss.
 """
 import pytest
@@ -272,6 +274,54 @@ def test_separate_equals_fused_with_one_range_and_dropout_shares_mask():
     want = lin(x) + torch.cat([x @ A1.t() @ B1.t(), x @ A2.t() @ B2.t()], -1) * 2
     torch.testing.assert_close(sep(x), want)
     torch.testing.assert_close(sep.delta_weight(), torch.cat([B1 @ A1, B2 @ A2]) * 2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adapter_input_matches_float32_dropout_formula_and_saves_x_dtype(p, dtype):
+    torch.manual_seed(5)
+    lin = nn.Linear(64, 40).to(dtype)
+    lora = LoRALinear(lin, 8, 16, dropout=p, out_ranges=[(0, 16), (16, 40)], separate=True)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    lora.train()
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    x[0, 0, :4] = 0  # zeros the mask must still let the gradient through where it kept them
+    x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = lora(x)
+    masks = [t for t in saved if t.dtype == torch.bool]
+    assert len(masks) == (p > 0)
+    mask = masks[0] if masks else torch.ones_like(x, dtype=torch.bool)
+    if p > 0:
+        assert 0 < mask.float().mean() < 1
+    # what the backward keeps of x: its own dtype, never a float32 copy (for a bf16 base)
+    wide = [t for t in saved if t.numel() == x.numel() and t.dtype != torch.bool]
+    assert wide and all(t.dtype == dtype for t in wide)
+    g = torch.randn_like(out)
+    gx, gA, gB = torch.autograd.grad(out, (x, lora.lora_A, lora.lora_B), g)
+
+    xr = x.detach().clone().requires_grad_()
+    A, B = lora.lora_A.detach().clone().requires_grad_(), lora.lora_B.detach().clone().requires_grad_()
+    h = (xr.float() * mask / (1 - p)) @ A.t()
+    Bm = torch.block_diag(*B.split(lora.sizes))
+    want = lin(xr) + (h @ Bm.t() * lora.scale).to(dtype)
+    rx, rA, rB = torch.autograd.grad(want, (xr, A, B), g)
+    # float32: the 1 / (1 - p) factor is applied after the product instead of before (rounding order); bf16: the
+    # output and x's gradient are rounded to bf16 (2^-8 relative) after float32 math on both sides
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gA, rA, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gB, rB, rtol=1e-5, atol=1e-5)
+    if p > 0:
+        assert (gx[0, 0, :4] != 0).any() or not mask[0, 0, :4].any()
+
+
+def test_adapter_dropout_rejects_out_of_range():
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(nn.Linear(8, 8), 2, 4, dropout=1.0)
 
 
 # ------------------------------------------------------------------------------------------------ labelled-only loss
