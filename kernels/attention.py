@@ -780,11 +780,19 @@ def _sdpa_grads(dout, q, k, v, kv_start, causal, scale):
         return torch.autograd.grad(out, leaves, dout)
 
 
+def _compact(t):
+    """t, or a compact copy of it when t views a larger storage: the model's q / k / v are views of the fused qkv
+    projection's output, and saving such a view for the backward keeps that whole output alive (for v, which no
+    rotary copies, three times its own size at StableLM-3B's shape)."""
+    return t if t.untyped_storage().nbytes() <= t.numel() * t.element_size() else t.contiguous()
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_start, causal, scale):
         out, lse = _forward(q, k, v, kv_start, causal, scale)
         ctx.via_sdpa = _backward_via_sdpa(q)
+        q, k, v = _compact(q), _compact(k), _compact(v)
         if ctx.via_sdpa:
             ctx.save_for_backward(q, k, v, kv_start)
         else:
