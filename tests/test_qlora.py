@@ -286,7 +286,7 @@ def test_adapter_input_matches_float32_dropout_formula_and_saves_x_dtype(p, dtyp
         lora.lora_B.normal_()
     lora.train()
     x = torch.randn(3, 5, 64, dtype=dtype)
-    x[0, 0, :4] = 0  # zeros the mask must still let the gradient through where it kept them
+    x[0, 0, :4] = 0  # zero entries: x's gradient (compared below) must pass where the mask kept them
     x.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -315,8 +315,6 @@ def test_adapter_input_matches_float32_dropout_formula_and_saves_x_dtype(p, dtyp
     torch.testing.assert_close(gx, rx, **tol)
     torch.testing.assert_close(gA, rA, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gB, rB, rtol=1e-5, atol=1e-5)
-    if p > 0:
-        assert (gx[0, 0, :4] != 0).any() or not mask[0, 0, :4].any()
 
 
 def test_adapter_dropout_rejects_out_of_range():
