@@ -37,7 +37,8 @@ around each step; CPU: perf_counter): median, p10, p90; compile_s: the wall seco
 warm-up steps, where a compiled row compiles and records its graphs (excluded from the step times); tokens/s
 counting every position of the padded sequence; GPU-busy time: the summed durations of the device kernels (and
 copies) of 5 further steps under torch.profiler, per step, over the median step time (a launch-bound step shows a
-low fraction); peak VRAM since the phase began, against the budget the issue names: resident weights (quantized
+low fraction); peak VRAM since the phase began, less what an earlier row left allocated (leftover_gib, ~0: compile
+caches are reset between rows), against the budget the issue names: resident weights (quantized
 where they are) + trained-tensor state (float32 weight, gradient and two AdamW moments: 16 bytes per trained
 parameter) + activations (memory held by the graph after a forward, measured); trainable parameters; the loss at
 step 0 (eval mode) and after the timed steps.
@@ -316,8 +317,9 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q))
 
 
-def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bool) -> dict:
-    """One row; the peak VRAM counts from here (its weights are already resident)."""
+def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bool, leftover: int = 0) -> dict:
+    """One row; the peak VRAM counts from here (its weights are already resident). leftover: bytes still allocated
+    before this row's model was built (an earlier row's tensors), left out of its peak."""
     seq = sequence_length(model, images, reports)
     if cuda:
         gc.collect()
@@ -349,7 +351,7 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
     ms = percentile(times, 50)
     weights = resident_bytes(model) - 4 * trained  # the trained tensors are counted in their state below
     budget = None if acts is None else weights + 16 * trained + acts
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+    peak = torch.cuda.max_memory_allocated() - leftover if cuda else None
     batch = images.shape[0]
     row = dict(impl=impl, batch=batch, seq_len=seq, steps=steps, step_ms=ms, p10_ms=percentile(times, 10),
                p90_ms=percentile(times, 90), compile_s=compile_s, gpu_busy_ms=busy_ms,
@@ -358,12 +360,16 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
                weights_gib=weights / 2**30, trained_state_gib=16 * trained / 2**30,
                activations_gib=None if acts is None else acts / 2**30,
                peak_vs_budget=None if budget is None else peak / budget,
-               trainable_params=trained, loss_step0=loss0, loss_last=loss_last, adapters_layer0=adapter_shapes(model))
+               trainable_params=trained, loss_step0=loss0, loss_last=loss_last, adapters_layer0=adapter_shapes(model),
+               leftover_gib=leftover / 2**30)
     print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
     return row
 
 
 def free(cuda: bool) -> None:
+    # A compiled row's graphs (and, under reduce-overhead, their CUDA-graph memory pool) live in torch's compile
+    # caches, not in the model: without the reset they stay allocated and count in every later row's peak.
+    torch._dynamo.reset()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -421,6 +427,7 @@ def main(argv=None) -> dict:
     for name in sorted(names, key=lambda n: ROWS[n][0] != "ours"):
         side, settings = ROWS[name]
         backend = "stablelm.lora"
+        leftover = torch.cuda.memory_allocated() if cuda else 0
         if side == "ours":
             model = build_ours(lm_config, encoder_config, tokenizer, report, settings, args.seed, swin_state,
                                args.tiny, device, dtype, (compile_mode, compile_backend))
@@ -436,7 +443,7 @@ def main(argv=None) -> dict:
                 free(cuda)
             model, backend = build_transformers(lm_weights, lm_config, swin_state, encoder_config, projector,
                                                 tokenizer, report, args.hf_lora, device, dtype, settings)
-        row = measure(name, model, images, reports, steps, cuda)
+        row = measure(name, model, images, reports, steps, cuda, leftover)
         row["lora_backend"] = backend
         if settings.get("compile"):
             row.update(compile_mode=compile_mode, compile_backend=compile_backend)
