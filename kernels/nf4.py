@@ -47,7 +47,9 @@ dtype, then multiplied on the tensor cores (tl.dot, float32 accumulation) or, fo
 and reduced on the CUDA cores. Forward: one program per BLOCK_M x BLOCK_N output tile over a range of K tiles
 (split-K for skinny M, partials summed in a fixed order: deterministic); BLOCK_K divides B, so one scale per row of
 a K tile. Backward: one program per BLOCK_M x BLOCK_K tile of grad_x, looping over N (grad_out tile @ dequantized
-weight tile); no split, so no partials.
+weight tile); no split, so no partials. From DEQUANT_MATMUL_MIN_ROWS rows (kernels/quant.py: training, long
+prefills) forward and backward instead dequantize the whole weight to x's dtype in one pass (_nf4_dequant_kernel)
+and multiply with cuBLAS: at those shapes the per-tile table lookups cost more than the temporary.
 """
 import functools
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ import triton.language as tl
 
 from kernels import contract as _c
 from kernels._common import FLOAT_DTYPES, check_tiles, skinny_split_k, sm_count
-from kernels.quant import pack_int4, unpack_int4
+from kernels.quant import DEQUANT_MATMUL_MIN_ROWS, pack_int4, unpack_int4
 
 NF4_BLOCK_SIZE = 64      # weights per first-level scale (QLoRA's choice)
 DQ_BLOCK = 256           # first-level scales per second-level scale (QLoRA's choice)
@@ -191,11 +193,13 @@ def _nf4_inputs(case, seed, device):
                 absmax_mean=q[3].to(device), bias=bias, block_size=block)
 
 
-_NF4_GRID = [dict(M=M, N=N, K=K, block=block, bias=M == 5, batched=M == 33)
-             for M in (1, 5, 33, 190) for N, K in ((96, 256), (250, 512), (7680, 2560)) for block in (32, 64)
+# M 1024: DEQUANT_MATMUL_MIN_ROWS, the dequantize + cuBLAS path (forward and input gradient)
+_NF4_GRID = [dict(M=M, N=N, K=K, block=block, bias=M in (5, 1024), batched=M == 33)
+             for M in (1, 5, 33, 190, 1024) for N, K in ((96, 256), (250, 512), (7680, 2560)) for block in (32, 64)
              if not (N == 7680 and block == 32)]
 _NF4_TOL = {torch.float32: _c.Tol(1e-4, 1e-5), torch.float16: _c.Tol(4e-3, 4e-3), torch.bfloat16: _c.Tol(2e-2, 2e-2)}
-_NF4_CPU = {"M1-N96-K256-block64-fp32", "M5-N96-K256-block32-bias-fp16-grad", "M33-N250-K512-block64-batched-fp32-grad"}
+_NF4_CPU = {"M1-N96-K256-block64-fp32", "M5-N96-K256-block32-bias-fp16-grad", "M33-N250-K512-block64-batched-fp32-grad",
+            "M1024-N96-K256-block64-bias-fp32-grad", "M1024-N250-K512-block32-bias-fp16"}
 
 CONTRACTS = {"nf4_linear": _c.Contract(
     op="nf4_linear", reference=nf4_linear_ref, make_inputs=_nf4_inputs,
@@ -293,6 +297,22 @@ def _nf4_grad_input_kernel(G, QW, ABS, ABS_SCALE, ABS_MEAN, LUT, DX,
     tl.store(out, acc.to(DX.dtype.element_ty), mask=m_ok[:, None])
 
 
+@triton.jit
+def _nf4_dequant_kernel(QW, ABS, ABS_SCALE, ABS_MEAN, LUT, OUT, N, KB, sqn, son, sok,
+                        BLOCK_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (n blocks, k blocks): OUT[n, k] = dequant(w)[n, k], computed in float32 and rounded once to OUT's
+    dtype."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    mean = tl.load(ABS_MEAN).to(tl.float32)
+    scale = _nf4_block_scale(ABS, ABS_SCALE, mean, offs_n, n_ok, k0 // BLOCK_SIZE, KB, DQ)
+    w = _nf4_tile(QW, sqn, offs_n, n_ok, k0, LUT, BLOCK_K) * scale[:, None]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(OUT + offs_n.to(tl.int64)[:, None] * son + offs_k[None, :] * sok, w.to(OUT.dtype.element_ty),
+             mask=n_ok[:, None])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -388,15 +408,33 @@ def nf4_grad_input(grad2, qweight, absmax, absmax_scale, absmax_mean, block_size
     return dx
 
 
+def dequantize_nf4_triton(qweight, absmax, absmax_scale, absmax_mean, block_size, dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype`, dequantized in float32 by one Triton pass and rounded once (the reference
+    dequantize_nf4's values, rounded to dtype)."""
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    if N == 0 or K == 0:
+        return out
+    block_k = min(64, block_size & -block_size)
+    _nf4_dequant_kernel[(triton.cdiv(N, 64), K // block_k)](
+        qweight, absmax, absmax_scale, absmax_mean, _lut(qweight.device), out, N, K // block_size,
+        qweight.stride(0), *out.stride(), BLOCK_SIZE=block_size, DQ=DQ_BLOCK, BLOCK_N=64, BLOCK_K=block_k)
+    return out
+
+
 def _forward(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size, N, K):
+    if x.shape[:-1].numel() >= DEQUANT_MATMUL_MIN_ROWS:  # many rows: cuBLAS over the dequantized weight
+        w = dequantize_nf4_triton(qweight, absmax, absmax_scale, absmax_mean, block_size, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(x.shape[:-1].numel(), K)
     cfg = choose_config(x2.shape[0], N, K, block_size, x.device)
     return nf4_matmul(x2, qweight, absmax, absmax_scale, absmax_mean, bias, block_size, cfg).view(*x.shape[:-1], N)
 
 
 class _NF4LinearFunction(torch.autograd.Function):
-    """y = x @ dequant(W)^T + b; backward grad_x = grad_y @ dequant(W) (Triton), grad_b = sum grad_y. Saves only the
-    quantized weight (the frozen W gets no gradient, so x is not needed)."""
+    """y = x @ dequant(W)^T + b; backward grad_x = grad_y @ dequant(W) (Triton, or cuBLAS over the weight dequantized
+    again from DEQUANT_MATMUL_MIN_ROWS rows), grad_b = sum grad_y. Saves only the quantized weight (the frozen W
+    gets no gradient, so x is not needed)."""
 
     @staticmethod
     def forward(ctx, x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size):
@@ -412,7 +450,11 @@ class _NF4LinearFunction(torch.autograd.Function):
         grad2 = grad.reshape(-1, N)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = nf4_grad_input(grad2, qweight, absmax, absmax_scale, absmax_mean, ctx.block_size)
+            if grad2.shape[0] >= DEQUANT_MATMUL_MIN_ROWS:
+                dx = grad2 @ dequantize_nf4_triton(qweight, absmax, absmax_scale, absmax_mean, ctx.block_size,
+                                                   grad2.dtype)
+            else:
+                dx = nf4_grad_input(grad2, qweight, absmax, absmax_scale, absmax_mean, ctx.block_size)
             dx = dx.view(*grad.shape[:-1], K)
         if ctx.needs_input_grad[5]:
             dbias = grad2.float().sum(0).to(ctx.bias_dtype)

@@ -42,7 +42,9 @@ a second small kernel in a fixed order (deterministic, unlike atomics). M == 1 u
 product on the CUDA cores (no 16-row tl.dot padding); larger M use tl.dot with float32 accumulation. Prefill
 keeps the fused tiled matmul rather than dequantizing to a bf16 temporary for torch.matmul: for the 3B qkv
 projection (K = 2560, N = 7680) at M = 512 the temporary's write + read is ~80 MB, ~27 us at 3 TB/s, about
-the time of the matmul itself (20 GFLOP); only for M in the thousands would cuBLAS's speed win that back.
+the time of the matmul itself (20 GFLOP); only for M in the thousands does cuBLAS's speed win that back, so from
+DEQUANT_MATMUL_MIN_ROWS rows (training) the weight is dequantized to x's dtype by one Triton pass
+(dequantize_triton) and multiplied by cuBLAS, forward and input gradient alike.
 Tiling comes from choose_config (a heuristic, so nothing autotunes inside CUDA-graph capture); quant_matmul
 takes an explicit QuantMatmulConfig for tests and tuning.
 """
@@ -59,6 +61,14 @@ from kernels import gemv as _gemv
 from kernels._common import FLOAT_DTYPES, check_tiles, skinny_split_k, sm_count
 
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
+
+# From this many rows (training: 8 studies x 190 positions = 1520; long prefills) the Triton implementations
+# dequantize the whole weight to x's dtype in one pass and multiply with cuBLAS, as bitsandbytes does for QLoRA.
+# Measured on the H200 at 1520 rows (3B shape, a QLoRA step through the fused kernels): the step's GPU time was
+# 1.3x (int8), 2.1x (int4) and 7.7x (nf4) the bf16 LoRA step's (117 / 195 / 705 ms against 91), while the
+# temporary costs one write + read of the weight in bf16 (~25 us for gate_up) against ~140 us of its matmul. Below it the fused kernels read the packed weight once and win (this file's
+# docstring: at 512 rows the temporary costs about the matmul's time). kernels/nf4.py uses the same threshold.
+DEQUANT_MATMUL_MIN_ROWS = 1024
 INT4_GROUP_MULTIPLE = 16  # the smallest tl.dot depth: one group's scale covers whole K tiles
 
 
@@ -188,13 +198,14 @@ def _quant_linear_inputs(case, seed, device):
 def _quant_linear_grid():
     grid = []
     for bits, groups in ((8, (128,)), (4, (32, 64, 128))):
-        for M in (1, 5, 33):
+        # M 1024: DEQUANT_MATMUL_MIN_ROWS, the dequantize + cuBLAS path of quant_linear_triton
+        for M in (1, 5, 33, 1024):
             for N, K in ((96, 256), (250, 512), (7680, 2560)):
                 for group in groups:
                     if bits == 4 and (N, K) == (7680, 2560) and group != 128:
                         continue
                     grid.append(dict(M=M, N=N, K=K, bits=bits, group=group if bits == 4 else None,
-                                     bias=M == 5, batched=M == 33))
+                                     bias=M in (5, 1024), batched=M == 33))
     return grid
 
 
@@ -202,7 +213,8 @@ _QUANT_TOL = {torch.float32: _c.Tol(1e-4, 1e-5), torch.float16: _c.Tol(2e-3, 2e-
               torch.bfloat16: _c.Tol(1e-2, 1.6e-2)}
 # CPU grid in fp16/fp32 only: the Triton interpreter's bf16 tl.dot gives wrong results (a GPU checks bf16 too).
 _QUANT_CPU = {"M1-N96-K256-bits8-fp32", "M5-N96-K256-bits4-group32-bias-fp16", "M33-N250-K512-bits4-group64-batched-fp16",
-              "M1-N250-K512-bits4-group128-fp32", "M5-N250-K512-bits8-bias-fp32"}
+              "M1-N250-K512-bits4-group128-fp32", "M5-N250-K512-bits8-bias-fp32",
+              "M1024-N96-K256-bits4-group32-bias-fp32", "M1024-N250-K512-bits8-bias-fp16"}
 
 
 def _quant_linear_work(inputs):
@@ -401,18 +413,73 @@ def quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size):
 
 def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
     """Triton quant_linear: kernels/gemv.py's decode GEMV where it measures faster (kernels.gemv.prefer_gemv:
-    batch-1 decode), the tiled kernel otherwise. Differentiable in x and bias (_QuantLinearFunction)."""
+    batch-1 decode); from DEQUANT_MATMUL_MIN_ROWS rows the weight dequantized to x's dtype (one Triton pass) and
+    cuBLAS; the tiled kernel between. Differentiable in x and bias (_QuantLinearFunction)."""
     N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
     if _needs_grad(x, bias):
         return _QuantLinearFunction.apply(quant_linear_triton, x, qweight, scales, zeros, bias, bits, group_size)
     M = x.shape[:-1].numel()
     if M > 0 and K > 0 and _gemv.prefer_gemv(M, bits):
         return _gemv.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size)
+    if M >= DEQUANT_MATMUL_MIN_ROWS:
+        w = dequantize_triton(qweight, scales, zeros, bits, group_size, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     return quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backward (training over a frozen quantized weight): grad_x = grad_out @ dequant(W)
+# Whole-weight dequantization (the path of many rows) and the backward (training over a frozen quantized weight):
+# grad_x = grad_out @ dequant(W)
+
+@triton.jit
+def _dequant_tile(QW, SCALES, ZEROS, offs_n, n_ok, k0, K, sqn, sqk, ssn, ssg, szn, szg,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [BLOCK_N, BLOCK_K] dequantized weights of columns k0 .. k0 + BLOCK_K of rows offs_n (zero where
+    masked). For int4, BLOCK_K divides GROUP, so the tile lies inside one group."""
+    w_rows = QW + offs_n.to(tl.int64)[:, None] * sqn
+    if BITS == 8:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        codes = tl.load(w_rows + offs_k[None, :] * sqk, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0)
+        scale = tl.load(SCALES + offs_n * ssn, mask=n_ok, other=0.0).to(tl.float32)
+        return codes.to(tl.float32) * scale[:, None]
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_rows + offs_b[None, :] * sqk, mask=n_ok[:, None], other=0)
+    codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
+    grp = k0 // GROUP
+    scale = tl.load(SCALES + offs_n * ssn + grp * ssg, mask=n_ok, other=0.0).to(tl.float32)
+    zero = tl.load(ZEROS + offs_n * szn + grp * szg, mask=n_ok, other=0.0).to(tl.float32)
+    return codes * scale[:, None] + zero[:, None]
+
+
+@triton.jit
+def _dequant_kernel(QW, SCALES, ZEROS, OUT, N, K, sqn, sqk, ssn, ssg, szn, szg, son, sok,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (n blocks, k blocks): OUT[n, k] = dequant(w)[n, k], rounded once to OUT's dtype."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    w = _dequant_tile(QW, SCALES, ZEROS, offs_n, n_ok, k0, K, sqn, sqk, ssn, ssg, szn, szg, BITS, GROUP, BLOCK_K)
+    out = OUT + offs_n.to(tl.int64)[:, None] * son + offs_k[None, :] * sok
+    tl.store(out, w.to(OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
+def dequantize_triton(qweight, scales, zeros, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype`, dequantized in float32 by one Triton pass and rounded once (the reference
+    dequantize_weight's values, rounded to dtype)."""
+    N = qweight.shape[0]
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    if N == 0 or K == 0:
+        return out
+    block_k = min(64, _pow2_divisor(group_size)) if bits == 4 else 64
+    zeros_strides = (0, 0) if zeros is None else zeros.stride()
+    scales_strides = (scales.stride(0), 0) if bits == 8 else scales.stride()
+    _dequant_kernel[(triton.cdiv(N, 64), triton.cdiv(K, block_k))](
+        qweight, scales, zeros if zeros is not None else scales, out, N, K, *qweight.stride(), *scales_strides,
+        *zeros_strides, *out.stride(), BITS=bits, GROUP=group_size if bits == 4 else 1, BLOCK_N=64, BLOCK_K=block_k)
+    return out
+
 
 @triton.jit
 def _quant_grad_input_kernel(G, QW, SCALES, ZEROS, DX, M, N, K,
@@ -434,19 +501,7 @@ def _quant_grad_input_kernel(G, QW, SCALES, ZEROS, DX, M, N, K,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         g = tl.load(g_rows + offs_n[None, :] * sgn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w_rows = QW + offs_n.to(tl.int64)[:, None] * sqn
-        if BITS == 8:
-            codes = tl.load(w_rows + offs_k[None, :] * sqk, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            scale = tl.load(SCALES + offs_n * ssn, mask=n_ok, other=0.0).to(tl.float32)
-            w = codes.to(tl.float32) * scale[:, None]
-        else:
-            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_rows + offs_b[None, :] * sqk, mask=n_ok[:, None], other=0)
-            codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
-            grp = k0 // GROUP
-            scale = tl.load(SCALES + offs_n * ssn + grp * ssg, mask=n_ok, other=0.0).to(tl.float32)
-            zero = tl.load(ZEROS + offs_n * szn + grp * szg, mask=n_ok, other=0.0).to(tl.float32)
-            w = codes * scale[:, None] + zero[:, None]
+        w = _dequant_tile(QW, SCALES, ZEROS, offs_n, n_ok, k0, K, sqn, sqk, ssn, ssg, szn, szg, BITS, GROUP, BLOCK_K)
         if IEEE:
             acc += tl.dot(g, w, input_precision="ieee")
         else:
@@ -480,12 +535,14 @@ def quant_grad_input(grad2, qweight, scales, zeros, bits, group_size, block_m=No
 
 class _QuantLinearFunction(torch.autograd.Function):
     """y = forward(x, ...) (quant_linear_triton or quant_linear_tiled; grad is off inside); backward grad_x by
-    quant_grad_input, grad_bias = sum of grad_y. Saves only the quantized tensors."""
+    quant_grad_input (quant_linear_triton from DEQUANT_MATMUL_MIN_ROWS rows: grad_y @ the dequantized weight, by
+    cuBLAS), grad_bias = sum of grad_y. Saves only the quantized tensors (the dequantized weight is made again)."""
 
     @staticmethod
     def forward(ctx, forward, x, qweight, scales, zeros, bias, bits, group_size):
         ctx.save_for_backward(qweight, scales, zeros)
-        ctx.bits, ctx.group_size, ctx.bias_dtype = bits, group_size, None if bias is None else bias.dtype
+        ctx.forward, ctx.bits, ctx.group_size = forward, bits, group_size
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return forward(x, qweight, scales, zeros, bias, bits, group_size)  # grad is off inside forward
 
     @staticmethod
@@ -495,7 +552,10 @@ class _QuantLinearFunction(torch.autograd.Function):
         grad2 = grad.reshape(-1, N)
         dx = dbias = None
         if ctx.needs_input_grad[1]:
-            dx = quant_grad_input(grad2, qweight, scales, zeros, ctx.bits, ctx.group_size)
+            if ctx.forward is quant_linear_triton and grad2.shape[0] >= DEQUANT_MATMUL_MIN_ROWS:
+                dx = grad2 @ dequantize_triton(qweight, scales, zeros, ctx.bits, ctx.group_size, grad2.dtype)
+            else:
+                dx = quant_grad_input(grad2, qweight, scales, zeros, ctx.bits, ctx.group_size)
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[5]:
             dbias = grad2.float().sum(0).to(ctx.bias_dtype)

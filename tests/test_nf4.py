@@ -7,10 +7,12 @@ import torch
 import torch.nn as nn
 
 import stablelm.checkpoint as ckpt
+import torch.nn.functional as F
+
 from kernels.nf4 import (DQ_BLOCK, NF4_VALUES, NF4Config, choose_config, dequantize_absmax, dequantize_nf4,
-                         double_quantize, nf4_grad_input, nf4_linear_ref, nf4_linear_triton, nf4_matmul,
-                         quantize_nf4)
-from kernels.quant import pack_int4, unpack_int4
+                         dequantize_nf4_triton, double_quantize, nf4_grad_input, nf4_linear_ref, nf4_linear_triton,
+                         nf4_matmul, quantize_nf4)
+from kernels.quant import DEQUANT_MATMUL_MIN_ROWS, pack_int4, unpack_int4
 from stablelm import ops
 from stablelm.config import preset
 from stablelm.model import StableLM
@@ -169,6 +171,40 @@ def test_grad_input_kernel_tilings():
     want = g @ dequantize_nf4(q, a, s, m)
     for bm, bn, bk in ((16, 16, 16), (32, 64, 64), (16, 128, 32)):
         torch.testing.assert_close(nf4_grad_input(g, q, a, s, m, 64, bm, bn, bk), want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [32, 64])
+def test_dequantize_triton_is_the_reference_weight_rounded_once(block, dtype):
+    q = [t.to(DEVICE) for t in quantize_nf4(torch.randn(70, 192, generator=torch.Generator().manual_seed(block)),
+                                            block)]  # 70 rows: a partial block of rows
+    got = dequantize_nf4_triton(*q, block, dtype)
+    assert got.dtype == dtype and got.shape == (70, 192)
+    want = dequantize_nf4(*q, block)
+    ulp = {torch.float32: 2 ** -22, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_rows_multiply_the_dequantized_weight(dtype):
+    """From DEQUANT_MATMUL_MIN_ROWS rows nf4_linear_triton is exactly F.linear over dequantize_nf4_triton's weight,
+    forward and input gradient (cuBLAS instead of the fused kernels), and within tolerance of the reference."""
+    N, K, M, block = 40, 256, DEQUANT_MATMUL_MIN_ROWS, 64
+    gen = torch.Generator().manual_seed(11)
+    q = [t.to(DEVICE) for t in quantize_nf4(torch.randn(N, K, generator=gen) * K ** -0.5, block)]
+    x = torch.randn(2, M // 2, K, generator=gen).to(DEVICE, dtype).requires_grad_()
+    bias = torch.randn(N, generator=gen).to(DEVICE, dtype)
+    upstream = torch.randn(2, M // 2, N, generator=gen).to(DEVICE, dtype)
+    out = nf4_linear_triton(x, *q, bias, block)
+    out.backward(upstream)
+    w = dequantize_nf4_triton(*q, block, dtype)
+    assert torch.equal(out, F.linear(x.detach(), w, bias))
+    assert torch.equal(x.grad.reshape(M, K), upstream.reshape(M, N) @ w)
+    xr = x.detach().clone().requires_grad_()
+    ref = nf4_linear_ref(xr, *q, bias, block)
+    ref.backward(upstream)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(x.grad, xr.grad, **TOL[dtype])
 
 
 def test_argument_errors():

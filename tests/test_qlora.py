@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import stablelm
-from kernels.quant import dequantize_weight, quant_grad_input, quant_linear_ref, quant_linear_tiled, \
-    quant_linear_triton, quantize_weight
+from kernels.quant import DEQUANT_MATMUL_MIN_ROWS, dequantize_triton, dequantize_weight, quant_grad_input, \
+    quant_linear_ref, quant_linear_tiled, quant_linear_triton, quantize_weight
 from stablelm import ops
 from stablelm.config import PRESETS, preset
 from stablelm.lora import LM_TARGETS, LoRALinear, apply_lora, lora_parameters, merge_lora, peft_targets
@@ -72,6 +72,44 @@ def test_grad_input_kernel_tilings():
         for bm, bn, bk in ((16, 16, 16), (32, 64, 64), (16, 128, 32)):
             torch.testing.assert_close(quant_grad_input(g, q, s, z, bits, group, bm, bn, bk), want,
                                        rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32), (4, 64)])
+def test_dequantize_triton_is_the_reference_weight_rounded_once(bits, group, dtype):
+    gen = torch.Generator().manual_seed(bits + group)
+    q, s, z = (None if t is None else t.to(DEVICE)
+               for t in quantize_weight(torch.randn(70, 192, generator=gen), bits, group))  # 70: a partial block
+    got = dequantize_triton(q, s, z, bits, group, dtype)
+    assert got.dtype == dtype and got.shape == (70, 192)
+    want = dequantize_weight(q, s, z, bits, group)
+    # float32: a fused multiply-add may round once where the reference rounds twice; others: one ulp of dtype
+    ulp = {torch.float32: 2 ** -22, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
+def test_many_rows_multiply_the_dequantized_weight(bits, group, dtype):
+    """From DEQUANT_MATMUL_MIN_ROWS rows quant_linear_triton is exactly F.linear over dequantize_triton's weight,
+    forward and input gradient (cuBLAS instead of the fused kernels), and within tolerance of the reference."""
+    gen = torch.Generator().manual_seed(5)
+    N, K, M = 40, 256, DEQUANT_MATMUL_MIN_ROWS
+    q, s, z = (None if t is None else t.to(DEVICE)
+               for t in quantize_weight(torch.randn(N, K, generator=gen) * K ** -0.5, bits, group))
+    x = torch.randn(2, M // 2, K, generator=gen).to(DEVICE, dtype).requires_grad_()
+    bias = torch.randn(N, generator=gen).to(DEVICE, dtype)
+    upstream = torch.randn(2, M // 2, N, generator=gen).to(DEVICE, dtype)
+    out = quant_linear_triton(x, q, s, z, bias, bits, group)
+    out.backward(upstream)
+    w = dequantize_triton(q, s, z, bits, group, dtype)
+    assert torch.equal(out, F.linear(x.detach(), w, bias))
+    assert torch.equal(x.grad.reshape(M, K), upstream.reshape(M, N) @ w)
+    xr = x.detach().clone().requires_grad_()
+    ref = quant_linear_ref(xr, q, s, z, bias, bits, group)
+    ref.backward(upstream)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(x.grad, xr.grad, **TOL[dtype])
 
 
 # ------------------------------------------------------------------------------------------------ QLoRA training
