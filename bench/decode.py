@@ -110,7 +110,6 @@ def ours_row(model, session, ids, new, iters, warmup, use_ops=None, timing_iters
             with torch.no_grad():
                 model.prefill(cache, ids)
         prefill_ms = time_cuda(prefill, warmup=1, iters=timing_iters)
-        del cache
     return call_ms, step_ms, prefill_ms, marginal_step_ms
 
 
