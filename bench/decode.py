@@ -198,11 +198,23 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
+    header = {"benchmark": "decode", "env": env, "model": args.preset if not args.tiny else "tiny",
+              "dtype": str(dtype), "quant": args.quant, "quantize_head": args.quantize_head,
+              "quantize_embedding": args.quantize_embedding, "copy_bandwidth_gbs": copy_gbs, "new_tokens": new,
+              "iters": iters}
+
+    def add(row):
+        """Keep a finished row; with --out the file is rewritten after each one ("complete": false until the
+        end), so a run cut short by a time limit keeps what it measured."""
+        rows.append(row)
+        print(row if "error" in row else markdown_table([row], list(row)).splitlines()[-1], flush=True)
+        if args.out:
+            write_json(args.out, {**header, "complete": False, "rows": rows})
+
     def record(row):
         if cuda:
             row["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(row)
-        print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+        add(row)
 
     def run_ours(impl, batch, context, session, use_ops=None, **kw):
         fresh()
@@ -213,8 +225,7 @@ def main(argv=None):
                                                               timing_iters, **kw)
         except Exception as e:  # a failing peer is reported, not fatal to the other rows
             row["error"] = f"{type(e).__name__}: {e}"[:300]
-            rows.append(row)
-            print(row, flush=True)
+            add(row)
             return
         mid = context + new // 2
         row.update(call_ms=call_ms, tokens_per_s=batch * new * 1e3 / call_ms, step_ms=step_ms,
@@ -255,15 +266,13 @@ def main(argv=None):
                     call_ms, step_ms = hf_row(hf, ids, new, iters, warmup, **kw)
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
-                    rows.append(row)
-                    print(row, flush=True)
+                    add(row)
                     continue
                 row.update(call_ms=call_ms, tokens_per_s=batch * new * 1e3 / call_ms, step_ms=step_ms,
                            step_source="marginal")
                 if cuda:  # our model stays resident during these rows: count transformers' memory only
                     row["peak_vram_gib"] = (torch.cuda.max_memory_allocated() - resident_bytes(model)) / 2**30
-                rows.append(row)
-                print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+                add(row)
         del hf
         fresh()
 
@@ -291,10 +300,7 @@ def main(argv=None):
     print()
     print("speedup of stablelm's generate() (peer call time / ours):")
     print(markdown_table(ratios, ratio_columns))
-    payload = {"benchmark": "decode", "env": env, "model": args.preset if not args.tiny else "tiny",
-               "dtype": str(dtype), "quant": args.quant, "quantize_head": args.quantize_head,
-               "quantize_embedding": args.quantize_embedding, "copy_bandwidth_gbs": copy_gbs, "new_tokens": new,
-               "iters": iters, "rows": rows, "ratios": ratios}
+    payload = {**header, "complete": True, "rows": rows, "ratios": ratios}
     if args.out:
         write_json(args.out, payload)
     return payload

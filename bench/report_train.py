@@ -448,6 +448,8 @@ def main(argv=None) -> dict:
         if settings.get("compile"):
             row.update(compile_mode=compile_mode, compile_backend=compile_backend)
         rows.append(row)
+        if args.out:  # rewritten after each row ("complete": false until the end): a run cut short keeps its rows
+            write_json(args.out, {"benchmark": "report_train", "env": env, "complete": False, "rows": rows})
         del model
         free(cuda)
 
@@ -483,7 +485,7 @@ def main(argv=None) -> dict:
         print("-", note)
     if loss_rel_diff is not None and (not math.isfinite(loss_rel_diff) or loss_rel_diff > 0.05):
         print(f"WARNING: step-0 losses differ by {loss_rel_diff:.1%}; the two sides are not computing the same thing")
-    payload = {"benchmark": "report_train", "env": env, "lm": lm_preset, "encoder": encoder_preset,
+    payload = {"benchmark": "report_train", "env": env, "complete": True, "lm": lm_preset, "encoder": encoder_preset,
                "dtype": str(dtype), "batch": batch, "images_per_study": IMAGES_PER_STUDY, "steps": steps,
                "warmup": WARMUP, "profiled_steps": PROFILED_STEPS, "report_config": report.to_dict(),
                "report_tokens": report_tokens, "loss_step0_rel_diff": loss_rel_diff, "notes": notes, "rows": rows}

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
-#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|quant|train|tp|prefill|kernels|checkop ...]
-# (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease.
+#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|train|train-more|tp|prefill|
+#                                                        kernels|checkop ...]
+# (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
+# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~8 min, train and train-more
+# ~6 min each); the benchmarks rewrite their JSON after every row, so a step cut short keeps what it finished.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off (the lent multi-GPU machines require it; harmless on one GPU).
@@ -9,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench/results}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
-steps=${*:-tests decode quant train tp prefill checkop kernels}
+steps=${*:-tests decode decode-batch quant train train-more tp prefill checkop kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
@@ -39,14 +42,20 @@ for s in $steps; do
                  -p no:cacheprovider -rf $par -W ignore 2>&1 | tee "$OUT/gpu_tests_grid.log" \
                  | grep -E "FAILED|ERROR|passed|failed"
              fi ;;
-    decode)  step python -m bench.decode --out "$OUT/decode_${TAG}.json" ;;
+    decode)  step python -m bench.decode --rows 1x128 --out "$OUT/decode_${TAG}.json" ;;
+    decode-batch)  # transformers' static-cache compile recompiles per shape: the slowest peer, run last
+             step python -m bench.decode --rows 8x512,32x512 --iters 2 --out "$OUT/decode_batch_${TAG}.json" ;;
     quant)   for q in int8 int4; do
                step python -m bench.decode --quant $q --rows 1x128,8x512 --peers none --out "$OUT/decode_${q}_${TAG}.json"
              done
              # the size target's layout: int4 with the lm_head and the embedding table quantized too
              step python -m bench.decode --quant int4 --quantize-head --quantize-embedding --rows 1x128 --peers none \
                --out "$OUT/decode_int4_head_embed_${TAG}.json" ;;
-    train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" ;;
+    train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" \
+               --rows stablelm-lora-peft,stablelm-lora-peft-compile,stablelm-lora-fused,transformers-lora ;;
+    train-more)  # the bf16 LoRA row again: the QLoRA rows' base in the same run
+             step python -m bench.report_train --steps 30 --out "$OUT/report_train_more_${TAG}.json" \
+               --rows stablelm-lora-peft,stablelm-lora-peft-ckpt,transformers-lora-ckpt,stablelm-full,transformers-full,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;
     tp)      step python -m bench.tp_decode --out "$OUT/tp_decode_${TAG}.json" ;;
     prefill) step python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
     checkop) step python -m stablelm check-op rotary kernels.rotary:rotary_triton --device cuda --model --speed \

@@ -23,7 +23,29 @@ def test_decode_tiny(tmp_path):
                                              - (r["new_tokens"] - 1) * r["marginal_step_ms"])
     ratio = payload["ratios"][0]
     assert ratio["vs transformers-sdpa"] == rows["transformers-sdpa"]["call_ms"] / rows["stablelm"]["call_ms"]
-    assert json.loads(out.read_text())["env"]["torch"]
+    saved = json.loads(out.read_text())
+    assert saved["env"]["torch"] and saved["complete"] and len(saved["rows"]) == len(payload["rows"])
+
+
+def test_decode_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """A run stopped after its first row (a device call's time limit) leaves that row on disk, marked incomplete,
+    and no temporary file."""
+    calls = []
+    real = decode.ours_row
+
+    def stop_on_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(decode, "ours_row", stop_on_second)
+    out = tmp_path / "d.json"
+    with pytest.raises(KeyboardInterrupt):
+        decode.main(["--tiny", "--peers", "stablelm-eager", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and [r["impl"] for r in saved["rows"]] == ["stablelm"]
+    assert saved["rows"][0]["tokens_per_s"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
 
 
 def test_decode_tiny_quantized_head_and_embedding():
