@@ -59,6 +59,35 @@ def test_prompt_wrap_and_label_masking(synth, tokenizer_dir):
     assert torch.allclose(visual[1:2], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("lm_mode", ["lora", "full"])
+def test_loss_is_the_labelled_positions_cross_entropy(synth, tokenizer_dir, lm_mode):
+    """forward's loss (lm_loss: no attention mask, logits at every report slot, padding labelled -100) equals the
+    explicit formula over training_inputs: full logits of the masked LM, cross-entropy at the labelled positions;
+    the gradients of every trained tensor too. Reports both shorter than max_length and cut by it."""
+    model = build_model(spec(tokenizer_dir, lm_mode=lm_mode, lora_dropout=0.0), "cpu", "fp32")
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):  # non-zero, so the adapters take part
+            p.data.normal_(0, 0.02)
+    b = batch(synth)
+    b["reports"][0] = " ".join([b["reports"][0]] * 8)  # longer than max_length: truncated
+    b["image_mask"][1, 1] = False
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    got = model(b["images"], b["reports"], b["image_mask"])
+    got_grads = grads(got)
+    embeds, labels, mask = model.training_inputs(b["images"], b["reports"], b["image_mask"])
+    logits = model.lm(input_embeds=embeds, attention_mask=mask)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    want_grads = grads(want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and got_grads
+    for n in got_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_global_only_uses_one_token(synth, tokenizer_dir):
     model = build_model(spec(tokenizer_dir, global_only=True), "cpu", "fp32")
     assert model.encode_images(batch(synth)["images"]).shape[1] == 1

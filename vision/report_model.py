@@ -112,6 +112,11 @@ class ReportConfig:
         return cls(**d)
 
 
+def _check_batch(images: torch.Tensor, reports: list[str]) -> None:
+    if len(reports) != images.shape[0]:
+        raise ValueError(f"{len(reports)} reports for {images.shape[0]} studies")
+
+
 class ReportModel(nn.Module):
     def __init__(self, encoder: nn.Module, lm: nn.Module, tokenizer, config: ReportConfig | None = None):
         super().__init__()
@@ -208,20 +213,23 @@ class ReportModel(nn.Module):
             t = (self.tokenizer.encode(text, add_special_tokens=False) + [self.end_id])[:L]
             ids[i, :len(t)] = torch.tensor(t)
             mask[i, :len(t)] = 1
+        if torch.device(device).type == "cuda":
+            # From pinned memory the copy is queued behind the GPU's work; from pageable memory CUDA first waits
+            # for the stream to drain, which would stall every training step's host at this point.
+            return ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
         return ids.to(device), mask.to(device)
 
     # ------------------------------------------------------------------ training / generation
     def report_embeds(self, features: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt embeds, prompt + report embeds) from encoder features and tokenized reports: the one assembly
-        of the LM's input that training_inputs (eager loss) and lm_loss (compiled loss) share."""
+        of the LM's input that training_inputs (labels and mask for another LM; tests) and lm_loss share."""
         prompt = self.prompt_embeds(self.project(features))
         return prompt, torch.cat([prompt, self.lm.embed(ids)], dim=1)
 
     def training_inputs(self, images, reports: list[str], image_mask=None):
         """(input embeds, labels, attention mask) of `[bos, prompt_before, visual, prompt_after, report + end]`,
         reports right padded; labels are -100 on everything but the report and its end token."""
-        if len(reports) != images.shape[0]:
-            raise ValueError(f"{len(reports)} reports for {images.shape[0]} studies")
+        _check_batch(images, reports)
         ids, mask = self.tokenize_reports(reports, images.device)
         prompt, embeds = self.report_embeds(self.encoder_features(images, image_mask), ids)
         labels = torch.cat([torch.full(prompt.shape[:2], -100, dtype=torch.long, device=ids.device),
@@ -230,24 +238,29 @@ class ReportModel(nn.Module):
         return embeds, labels, attention_mask
 
     def forward(self, images, reports: list[str], image_mask=None) -> torch.Tensor:
-        """Mean cross-entropy over the report tokens (next-token prediction); through the compiled lm_loss after
-        compile_loss."""
-        if self._compiled_lm_loss is not None:
-            features = self.encoder_features(images, image_mask)  # eager: outside the graph (frozen: no autograd)
-            ids, mask = self.tokenize_reports(reports, images.device)
-            with ops.using(**COMPILED_OPS):
-                loss = self._compiled_lm_loss(features, ids, mask)
-            # A copy outside the graph: under a CUDA-graph mode the graph's own output is overwritten by the next
-            # step, and callers keep the loss (logging, bench) past it.
-            return loss.clone()
-        embeds, labels, attention_mask = self.training_inputs(images, reports, image_mask)
-        # Logits only where a label follows (the report), head and loss fused (StableLM.loss); equal to
-        # cross_entropy(lm(...)[:, :-1].float(), labels[:, 1:]).
-        return self.lm.loss(input_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        """Mean cross-entropy over the report tokens (next-token prediction). With this project's StableLM it is
+        lm_loss, eager or (after compile_loss) compiled: nothing in it is read back to the host, so a step never
+        waits for the GPU; the logits are computed at the report positions (padding included, labelled -100),
+        head and loss fused. Another LM behind ReportModel's interface (the training benchmark's transformers
+        peer) gets training_inputs and its own loss."""
+        if not isinstance(self.lm, StableLM):
+            embeds, labels, attention_mask = self.training_inputs(images, reports, image_mask)
+            return self.lm.loss(input_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        _check_batch(images, reports)
+        features = self.encoder_features(images, image_mask)  # outside the compiled graph (a frozen encoder)
+        ids, mask = self.tokenize_reports(reports, images.device)
+        if self._compiled_lm_loss is None:
+            return self.lm_loss(features, ids, mask)
+        with ops.using(**COMPILED_OPS):
+            loss = self._compiled_lm_loss(features, ids, mask)
+        # A copy outside the graph: under a CUDA-graph mode the graph's own output is overwritten by the next
+        # step, and callers keep the loss (logging, bench) past it.
+        return loss.clone()
 
     def lm_loss(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """forward's loss from the encoder features and the tokenized reports (tokenize_reports): projector,
-        prompt wrap, StableLM with its adapters, head and cross-entropy. The part compile_loss compiles.
+        prompt wrap, StableLM with its adapters, head and cross-entropy; equal to StableLM.loss over
+        training_inputs (tests/test_report_model.py). The part compile_loss compiles.
 
         Every shape in it is static and nothing reads a tensor's values on the host, so dynamo traces it as one
         graph with no graph break (torch._dynamo.explain on the tiny model under COMPILED_OPS, with and without
