@@ -71,8 +71,8 @@ def test_compiled_loss_and_gradients_equal_eager(tokenizer_dir):
     model.compile_loss("default", "aot_eager")
     for _ in range(2):  # the call that compiles and a call of the compiled graph
         loss, grads = loss_and_grads(model, pixels, REPORTS)
-        # float32, the same math in another order (SDPA for the reference attention; one head slice instead of
-        # the labelled rows): relative 1e-5 on the loss and on each gradient (to its largest entry).
+        # float32, the same math in another order (COMPILED_OPS: the reference ops, SDPA attention, fused by
+        # inductor): relative 1e-5 on the loss and on each gradient (to its largest entry).
         assert loss == pytest.approx(eager_loss, rel=1e-5)
         assert set(grads) == set(eager_grads) and len(grads) > 2  # projector, LayerNorm, every adapter
         for name, g in grads.items():
@@ -141,3 +141,38 @@ def test_a_run_trains_through_the_compile_flags(tmp_path, monkeypatch):
     assert results["train"]["compile"] == "default" and results["train"]["compile_backend"] == "eager"
     assert math.isfinite(results["epochs"][0]["train_loss"]) and results["epochs"][0]["step"] == 2
     assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_gpu_training_step_never_waits_for_the_gpu(tokenizer_dir, compile_mode):
+    """After warm-up a LoRA step (data to the GPU as the training loop moves it, forward, backward, AdamW) makes
+    no host-device synchronisation: under torch.cuda.set_sync_debug_mode("error") one would raise. A launch-bound
+    step's host must run ahead of the GPU; every wait leaves the GPU idle while the host catches up."""
+    config = ReportConfig(lm_mode="lora", lora_layout="peft", lora_dropout=0.1, max_length=24)
+    spec = {"lm": None, "lm_preset": "tiny", "encoder": None, "encoder_preset": "tiny", "tokenizer": tokenizer_dir,
+            "seed": 0, "report": config.to_dict(), "dataset": "iu_xray", "precision": "bf16"}
+    model = build_model(spec, "cuda", "bf16")
+    if compile_mode:
+        model.compile_loss(compile_mode)
+    model.train()
+    optimizer, _ = make_optimizer(model, 1e-4, 0.0, 10)
+    pixels = images().pin_memory()
+    image_mask = torch.ones(2, 2, dtype=torch.bool)
+    image_mask[1, 1] = False  # a one-image study: the masked path
+
+    def step():
+        loss = model(pixels.to("cuda", non_blocking=True).to(torch.bfloat16), REPORTS, image_mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    for _ in range(3):  # compile, record the CUDA graphs, first optimizer state
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step() for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)

@@ -207,14 +207,16 @@ def step_loss(wrapped: nn.Module, model: nn.Module, batch: dict, ranks: Ranks) -
     """(the loss to call backward on, the global batch's mean token loss, detached, for logging). Across ranks the
     first is this rank's token mean scaled by world * rank_tokens / global_tokens (module docstring)."""
     device = ranks.device
-    images = batch["images"].to(device, model.lm.dtype)
+    # non_blocking: the loader pins its batches on CUDA (pipeline.py), so the copy does not wait for the GPU; the
+    # image mask stays on the CPU, where encoder_features reads it.
+    images = batch["images"].to(device, non_blocking=True).to(model.lm.dtype)
     if not ranks.distributed:
-        loss = wrapped(images, batch["reports"], batch["image_mask"].to(device))
+        loss = wrapped(images, batch["reports"], batch["image_mask"])
         return loss, loss.detach()
     count = label_count(model, batch["reports"])
     total = torch.tensor([float(count)], dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    loss = wrapped(images, batch["reports"], batch["image_mask"].to(device))
+    loss = wrapped(images, batch["reports"], batch["image_mask"])
     logged = loss.detach().double() * count
     dist.all_reduce(logged)
     return loss * (ranks.world * count / total.to(loss.dtype)), (logged / total).to(loss.dtype)[0]

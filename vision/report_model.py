@@ -112,6 +112,15 @@ class ReportConfig:
         return cls(**d)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: to CUDA from pinned memory, queued behind the GPU's
+    work (a blocking copy from pageable memory first waits for the stream to drain, stalling the host that
+    should be launching the step's kernels)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _check_batch(images: torch.Tensor, reports: list[str]) -> None:
     if len(reports) != images.shape[0]:
         raise ValueError(f"{len(reports)} reports for {images.shape[0]} studies")
@@ -174,19 +183,26 @@ class ReportModel(nn.Module):
         if images.dim() != 5:
             raise ValueError(f"images must be [batch, n_images, 3, H, W], got {tuple(images.shape)}")
         B, n = images.shape[:2]
-        if image_mask is None:
-            image_mask = torch.ones(B, n, dtype=torch.bool, device=images.device)
-        if image_mask.shape != (B, n):
-            raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != {(B, n)}")
-        image_mask = image_mask.bool()
-        if not bool(image_mask.any(1).all()):
+        # The mask is read on the host (which images to encode): a CPU mask (the data loader's) costs nothing, a
+        # GPU one a wait for the GPU. With every image real, nothing is read and no image is selected.
+        mask = None if image_mask is None else image_mask.bool().cpu()
+        if mask is not None and mask.shape != (B, n):
+            raise ValueError(f"image_mask shape {tuple(mask.shape)} != {(B, n)}")
+        if mask is not None and not mask.any(1).all():
             raise ValueError("every study needs at least one image")
-        tokens, pooled = self.encoder(images[image_mask])
-        feats = pooled[:, None] if self.config.global_only else tokens
-        per_study = feats.new_zeros(B, n, *feats.shape[1:])
-        per_study[image_mask] = feats
-        w = image_mask.to(feats.dtype)[:, :, None, None]
+        if mask is None or mask.all():
+            feats = self._image_features(images.flatten(0, 1))
+            return feats.view(B, n, *feats.shape[1:]).mean(1)
+        real = to_device(mask.flatten().nonzero().squeeze(1), images.device)
+        feats = self._image_features(images.flatten(0, 1).index_select(0, real))
+        per_study = feats.new_zeros(B * n, *feats.shape[1:]).index_copy_(0, real, feats).view(B, n, *feats.shape[1:])
+        w = to_device(mask, images.device).to(feats.dtype)[:, :, None, None]
         return (per_study * w).sum(1) / w.sum(1)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> per-image features [N, T, features] (the pooled token alone with global_only)."""
+        tokens, pooled = self.encoder(images)
+        return pooled[:, None] if self.config.global_only else tokens
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder features -> visual tokens [B, T, hidden] (the trained projector and its LayerNorm)."""
@@ -213,11 +229,7 @@ class ReportModel(nn.Module):
             t = (self.tokenizer.encode(text, add_special_tokens=False) + [self.end_id])[:L]
             ids[i, :len(t)] = torch.tensor(t)
             mask[i, :len(t)] = 1
-        if torch.device(device).type == "cuda":
-            # From pinned memory the copy is queued behind the GPU's work; from pageable memory CUDA first waits
-            # for the stream to drain, which would stall every training step's host at this point.
-            return ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
-        return ids.to(device), mask.to(device)
+        return to_device(ids, device), to_device(mask, device)
 
     # ------------------------------------------------------------------ training / generation
     def report_embeds(self, features: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
