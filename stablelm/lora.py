@@ -19,7 +19,9 @@ Two layouts for a fused projection with several ranges:
 The adapters train in float32 on a bf16/fp16 base, as peft's do. Their input product x @ A^T is one autograd
 function (_LoRAInput) that keeps the dropped input for A's gradient in x's own dtype with a bool mask, where
 autograd through `dropout(x).float() @ A.t()` would keep a float32 copy: 2 bytes per input element instead of 4, on
-the four wide inputs of every layer (measured at the 3B shape: the largest saved activation of a LoRA step).
+the four wide inputs of every layer (measured at the 3B shape: the largest saved activation of a LoRA step). The
+output takes dropout's 1 / (1 - p) folded into its scale (one multiply, not two: an eager step is launch-bound,
+so every kernel counts).
 
 The base weight is frozen; B starts at zero so a fresh adapter leaves the model's output unchanged. `LM_TARGETS` are
 the decoder's linears; `make_optimizer` is the AdamW + cosine decay the report model trains with, and
@@ -40,27 +42,23 @@ LINEAR_TYPES = (nn.Linear,) + QUANTIZED_LINEARS
 
 
 class _LoRAInput(torch.autograd.Function):
-    """h = dropout(x) @ A^T, computed in A's dtype (float32). Dropout zeroes entries exactly in any dtype, so the
-    kept input is saved as x * mask in x's dtype and the 1 / (1 - p) rescaling is applied to the float32 product
-    (h equals the float32 formula). The mask is saved too: x * mask alone cannot tell a dropped entry from an
-    entry that was zero, which the gradient of x needs."""
+    """h = (x * mask) @ A^T, computed in A's dtype (float32), mask the dropout's kept entries (all when p is 0
+    or not training); dropout's 1 / (1 - p) is left to the caller, which folds it into the adapter's scale.
+    Dropout zeroes entries exactly in any dtype, so the kept input is saved as x * mask in x's dtype. The mask is
+    saved too: x * mask alone cannot tell a dropped entry from an entry that was zero, which x's gradient needs."""
 
     @staticmethod
     def forward(ctx, x, A, p: float, training: bool):
-        mask, keep = None, 1.0
+        mask = None
         if training and p > 0:
             mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
-            x, keep = x * mask, 1.0 / (1 - p)
-        h = x.to(A.dtype) @ A.t()
+            x = x * mask
         ctx.save_for_backward(x, mask, A)
-        ctx.keep = keep
-        return h * keep if keep != 1.0 else h
+        return x.to(A.dtype) @ A.t()
 
     @staticmethod
     def backward(ctx, grad_h):
         kept, mask, A = ctx.saved_tensors
-        if ctx.keep != 1.0:
-            grad_h = grad_h * ctx.keep
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_h @ A
@@ -99,15 +97,20 @@ class LoRALinear(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.dropout = float(dropout)
+        if self.separate:  # which entries of the repeated lora_B belong to each adapter's diagonal block
+            block_mask = torch.block_diag(*[torch.ones(size, r, dtype=torch.bool) for size in self.sizes])
+            self.register_buffer("_block_mask", block_mask.to(device), persistent=False)
         ranges = sorted(self.out_ranges)
         self._contiguous = ranges == self.out_ranges and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         self._covers_all = self._contiguous and ranges[0][0] == 0 and ranges[-1][1] == base.out_features
 
     def lora_B_matrix(self):
-        """[rows, n * r]: lora_B itself (fused), or the block-diagonal of each adapter's B (separate)."""
+        """[rows, n * r]: lora_B itself (fused), or the block-diagonal of each adapter's B (separate): lora_B
+        repeated n times across and masked, two kernels each way (torch.block_diag takes n + 1, and its backward
+        as many again: it runs on every step)."""
         if not self.separate:
             return self.lora_B
-        return torch.block_diag(*self.lora_B.split(self.sizes))
+        return self.lora_B.repeat(1, len(self.sizes)) * self._block_mask
 
     def delta_weight(self):
         """scale * B @ A, [rows covered, in_features] (float32)."""
@@ -128,7 +131,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         h = _LoRAInput.apply(x, self.lora_A, self.dropout, self.training)
-        delta = (h @ self.lora_B_matrix().t() * self.scale).to(out.dtype)
+        dropping = self.training and self.dropout > 0
+        alpha = self.scale / (1 - self.dropout) if dropping else self.scale  # scale and dropout's rescaling
+        delta = (h @ self.lora_B_matrix().t() * alpha).to(out.dtype)
         if self._covers_all:
             return out + delta
         pieces, at, col = [], 0, 0

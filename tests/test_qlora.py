@@ -329,7 +329,7 @@ def test_adapter_input_matches_float32_dropout_formula_and_saves_x_dtype(p, dtyp
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = lora(x)
-    masks = [t for t in saved if t.dtype == torch.bool]
+    masks = [t for t in saved if t.dtype == torch.bool and t.shape == x.shape]  # (not lora_B's block mask)
     assert len(masks) == (p > 0)
     mask = masks[0] if masks else torch.ones_like(x, dtype=torch.bool)
     if p > 0:
