@@ -194,6 +194,12 @@ def test_tiny_model_learns_the_synthetic_set(synth, tmp_path):
     assert best["BLEU_4"] > 0.15 and best["BLEU_4"] > before["BLEU_4"] + 0.1, (before, best)
     assert best["CIDEr"] > 0.5 and best["CIDEr"] > before["CIDEr"] + 0.4, (before, best)
     assert json.loads((out / "results.json").read_text())["best"]["epoch"] == results["best"]["epoch"]
+    # train_log.jsonl: one line per step, in order (each read one step late), averaging to each epoch's loss
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and log[-1]["step"] == results["epochs"][-1]["step"]
+    for record in results["epochs"]:
+        epoch_losses = [r["loss"] for r in log if r["epoch"] == record["epoch"]]
+        assert record["train_loss"] == pytest.approx(sum(epoch_losses) / len(epoch_losses))
     # evaluate.py reloads best (trained tensors only) and reproduces the validation scores
     again = evaluate_script.main(["--checkpoint", str(out / "best"), "--annotation",
                                   str(synth / "annotation.json"), "--image-dir", str(synth / "images"),

@@ -507,20 +507,31 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
         losses, t0 = [], time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not ranks.main)
         with open(log, "a") if ranks.main else contextlib.nullcontext() as log_file:
-            for batch in bar:
-                loss, logged = distributed.step_loss(wrapped, model, batch, ranks)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trained_params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                losses.append(logged.item())
-                lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
-                if log_file is not None:
-                    log_file.write(json.dumps({"epoch": epoch, "step": step, "loss": losses[-1], "lr": lr}) + "\n")
-                    log_file.flush()
+            # Each step's loss is read (and logged) once the next step is launched: reading it at once would make
+            # the host wait for the GPU to finish the step, leaving the GPU idle while the next one is launched.
+            pending = []
+
+            def log_steps(keep: int) -> None:
+                while len(pending) > keep:
+                    at, lr, value = pending.pop(0)
+                    losses.append(value.item())
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+                    if log_file is not None:
+                        log_file.write(json.dumps({"epoch": epoch, "step": at, "loss": losses[-1], "lr": lr}) + "\n")
+                        log_file.flush()
+            try:
+                for batch in bar:
+                    loss, logged = distributed.step_loss(wrapped, model, batch, ranks)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trained_params, 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    pending.append((step, scheduler.get_last_lr()[0], logged))
+                    log_steps(keep=1)
+            finally:  # an interrupted epoch still logs the steps it finished
+                log_steps(keep=0)
         record = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(len(losses), 1),
                   "epoch_seconds": time.perf_counter() - t0, "world_size": ranks.world}
         results["epochs"].append(record)
