@@ -300,8 +300,9 @@ def gpu_busy_ms(step, steps: int, cuda: bool):
 
 
 def activation_bytes(model, images, reports, cuda: bool):
-    """Memory the autograd graph holds after one forward (freed again by the backward)."""
-    if not cuda:
+    """Memory the autograd graph holds after one forward (freed again by the backward). None for a compiled
+    loss: its CUDA graphs keep their activations in a pool allocated once, so the difference reads ~0."""
+    if not cuda or getattr(model, "_compiled_lm_loss", None) is not None:
         return None
     _sync(cuda)
     before = torch.cuda.memory_allocated()
