@@ -66,8 +66,9 @@ _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
 # dequantize the whole weight to x's dtype in one pass and multiply with cuBLAS, as bitsandbytes does for QLoRA.
 # Measured on the H200 at 1520 rows (3B shape, a QLoRA step through the fused kernels): the step's GPU time was
 # 1.3x (int8), 2.1x (int4) and 7.7x (nf4) the bf16 LoRA step's (117 / 195 / 705 ms against 91), while the
-# temporary costs one write + read of the weight in bf16 (~25 us for gate_up) against ~140 us of its matmul. Below it the fused kernels read the packed weight once and win (this file's
-# docstring: at 512 rows the temporary costs about the matmul's time). kernels/nf4.py uses the same threshold.
+# temporary costs one write + read of the weight in bf16 (~25 us for gate_up) against ~140 us of its matmul.
+# Below it the fused kernels read the packed weight once and win (this file's docstring: at 512 rows the temporary
+# costs about the matmul's time). kernels/nf4.py uses the same threshold.
 DEQUANT_MATMUL_MIN_ROWS = 1024
 INT4_GROUP_MULTIPLE = 16  # the smallest tl.dot depth: one group's scale covers whole K tiles
 

@@ -66,6 +66,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Subset
 
 from stablelm import parallel
+from vision.report_model import to_device
 
 DATA_PARALLEL = ("auto", "ddp", "fsdp")
 
@@ -207,9 +208,9 @@ def step_loss(wrapped: nn.Module, model: nn.Module, batch: dict, ranks: Ranks) -
     """(the loss to call backward on, the global batch's mean token loss, detached, for logging). Across ranks the
     first is this rank's token mean scaled by world * rank_tokens / global_tokens (module docstring)."""
     device = ranks.device
-    # non_blocking: the loader pins its batches on CUDA (pipeline.py), so the copy does not wait for the GPU; the
+    # to_device: a pinned copy that does not wait for the GPU (the loader already pins its batches on CUDA); the
     # image mask stays on the CPU, where encoder_features reads it.
-    images = batch["images"].to(device, non_blocking=True).to(model.lm.dtype)
+    images = to_device(batch["images"], device).to(model.lm.dtype)
     if not ranks.distributed:
         loss = wrapped(images, batch["reports"], batch["image_mask"])
         return loss, loss.detach()
