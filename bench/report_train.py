@@ -23,6 +23,8 @@ Rows (--rows, comma separated; default all), each with its peer (speedup = peer 
                            (speedup_vs_eager)
   stablelm-lora-fused      one adapter per fused qkv / o / gate_up / down (4 per layer); peer transformers-lora
   stablelm-lora-peft-ckpt  the peft layout with gradient checkpointing; peer transformers-lora-ckpt
+  stablelm-lora-peft-ckpt-compile  the same compiled as stablelm-lora-peft-compile (the recomputed forward inside
+                           the one graph); peer transformers-lora-ckpt, and reported against stablelm-lora-peft-ckpt
   stablelm-full            full fine-tuning of the LM (AdamW, float32 master weights, as ReportModel keeps every
                            trained tensor); peer transformers-full
   stablelm-qlora-int8/int4/nf4  the peft layout over a frozen int8 / int4 (group 128) / nf4 (block 64) LM; peer
@@ -84,6 +86,8 @@ ROWS = {
     "stablelm-lora-peft-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", compile=True)),
     "stablelm-lora-fused": ("ours", dict(lm_mode="lora", lora_layout="fused")),
     "stablelm-lora-peft-ckpt": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True)),
+    "stablelm-lora-peft-ckpt-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True,
+                                                     compile=True)),
     "stablelm-full": ("ours", dict(lm_mode="full")),
     "stablelm-qlora-int8": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(8, 128, 128, "int"))),
     "stablelm-qlora-int4": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(4, 128, 32, "int"))),
@@ -94,7 +98,8 @@ ROWS = {
 }
 PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile": "transformers-lora",
          "stablelm-lora-fused": "transformers-lora",
-         "stablelm-lora-peft-ckpt": "transformers-lora-ckpt", "stablelm-full": "transformers-full",
+         "stablelm-lora-peft-ckpt": "transformers-lora-ckpt", "stablelm-lora-peft-ckpt-compile": "transformers-lora-ckpt",
+         "stablelm-full": "transformers-full",
          "stablelm-qlora-int8": "transformers-lora", "stablelm-qlora-int4": "transformers-lora",
          "stablelm-qlora-nf4": "transformers-lora"}
 
@@ -460,8 +465,9 @@ def main(argv=None) -> dict:
         row["peer"] = peer["impl"] if peer else None
         row["speedup"] = peer["step_ms"] / row["step_ms"] if peer else None
         base = by_name.get("stablelm-lora-peft")
-        if row["impl"] == "stablelm-lora-peft-compile" and base:
-            row["speedup_vs_eager"] = base["step_ms"] / row["step_ms"]
+        eager = by_name.get(row["impl"].removesuffix("-compile"))  # a compiled row's eager twin
+        if row["impl"].endswith("-compile") and eager:
+            row["speedup_vs_eager"] = eager["step_ms"] / row["step_ms"]
         if row["impl"].startswith("stablelm-qlora") and base:
             row["step_vs_bf16_lora"] = row["step_ms"] / base["step_ms"]
             row["loss_last_rel_vs_bf16_lora"] = abs(row["loss_last"] - base["loss_last"]) / abs(base["loss_last"])

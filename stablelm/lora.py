@@ -197,16 +197,25 @@ def trainable_state_dict(module: nn.Module) -> dict:
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float, total_steps: int, min_lr_ratio=0.01):
-    """AdamW over the trainable parameters with cosine decay from lr to min_lr_ratio * lr over total_steps."""
+    """AdamW over the trainable parameters with cosine decay from lr to min_lr_ratio * lr over total_steps. On CUDA
+    the fused AdamW: one pass over weight, gradient and moments per step instead of a dozen foreach passes (full
+    fine-tuning reads 45 GB of float32 state a step; LoRA launches fewer kernels)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter has requires_grad")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
 
     def cosine(step):
         progress = min(step / max(total_steps, 1), 1.0)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def _fusable(params) -> bool:
+    """Whether torch's fused AdamW takes these parameters: all float on CUDA, none an FSDP2 DTensor shard (kept on
+    the foreach path, whose DTensor support is older)."""
+    from torch.distributed.tensor import DTensor
+    return all(p.is_cuda and p.is_floating_point() and not isinstance(p, DTensor) for p in params)
 
 
 def merge_lora(module: nn.Module) -> list[str]:

@@ -148,6 +148,50 @@ def test_save_resume_gives_identical_next_step_loss(synth, tokenizer_dir, tmp_pa
     assert resumed == next_loss
 
 
+def test_resume_keeps_this_machines_adamw_implementation(synth, tokenizer_dir, tmp_path):
+    """A run saved with one AdamW implementation (the CPU's default) resumes under another (fused on a GPU; here
+    foreach, which the CPU also runs): the implementation is the resuming optimizer's, the state the saved one."""
+    s = spec(tokenizer_dir, lm_mode="lora", lora_dropout=0.0)
+    b = batch(synth)
+    torch.manual_seed(1)
+    model = build_model(s, "cpu", "fp32")
+    _, opt, sched = _train_steps(model, b, 2)
+    assert opt.param_groups[0]["foreach"] is None
+    save_run_checkpoint(tmp_path / "last", model, s, epoch=0, step=2, optimizer=opt, scheduler=sched)
+    next_loss, _, _ = _continue(model, opt, sched, b)
+
+    run = load_run_checkpoint(tmp_path / "last")
+    fresh = build_model(run.spec, "cpu", "fp32")
+    opt2, sched2 = make_optimizer(fresh, 3e-3, 0.0, 100)
+    for group in opt2.param_groups:
+        group["foreach"] = True
+    restore_training(run, fresh, opt2, sched2)
+    assert all(g["foreach"] is True for g in opt2.param_groups)
+    assert opt2.state_dict()["state"][0]["step"] == 2
+    resumed, _, _ = _continue(fresh, opt2, sched2, b)
+    assert resumed == pytest.approx(next_loss, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_adamw_is_fused_and_steps_as_foreach_does():
+    """On CUDA make_optimizer returns torch's fused AdamW; one step of it lands where the foreach AdamW's does."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).cuda()
+    twin = torch.nn.Linear(64, 48).cuda()
+    twin.load_state_dict(layer.state_dict())
+    fused, _ = make_optimizer(layer, 1e-2, 0.05, 10)
+    plain = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.05, foreach=True)
+    assert fused.param_groups[0]["fused"] is True
+    x = torch.randn(16, 64, device="cuda")
+    for module, opt in ((layer, fused), (twin, plain)):
+        for _ in range(3):
+            module(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(layer.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _continue(model, opt, sched, b):
     loss = model(b["images"], b["reports"], b["image_mask"])
     opt.zero_grad()

@@ -327,6 +327,10 @@ def require_resume_state(run: RunCheckpoint) -> None:
         raise CheckpointError(f"{run.directory}: holds no optimizer state (resume from a run's `last` checkpoint)")
 
 
+# AdamW settings that choose an implementation, not a result: a run saved on the CPU resumes fused on a GPU.
+OPTIMIZER_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
 def restore_training(run: RunCheckpoint, model: ReportModel, optimizer, scheduler) -> None:
     """Continue where `run` stopped: trained tensors, AdamW state and hyperparameters, schedule, RNG states."""
     require_resume_state(run)
@@ -340,10 +344,11 @@ def restore_training(run: RunCheckpoint, model: ReportModel, optimizer, schedule
         raise CheckpointError(f"{run.directory}: the optimizer's parameter groups do not fit this model")
     param_groups = []
     for g, c in zip(groups, current["param_groups"]):
-        # Only the hyperparameters this optimizer has, each of the type it has (JSON turned tuples into lists).
+        # Only the hyperparameters this optimizer has, each of the type it has (JSON turned tuples into lists). How
+        # the step is computed (fused on CUDA, foreach, ...) is this machine's choice, not the saved run's.
         group = {}
         for key, now in c.items():
-            value = g.get(key, now)
+            value = now if key in OPTIMIZER_IMPLEMENTATION else g.get(key, now)
             value = tuple(value) if isinstance(now, tuple) and isinstance(value, list) else value
             if key != "params" and type(value) is not type(now) and not (type(now) is float and type(value) is int):
                 raise CheckpointError(f"{run.directory / STATE_FILE}: optimizer setting {key}={value!r} is not "
