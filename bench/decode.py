@@ -50,6 +50,10 @@ from stablelm import StableLM, preset
 from stablelm.generate import DecodeSession, generate
 from stablelm.graph import CompileBuilder
 
+# The gpt-fast recipe's ops: plain PyTorch, attention through SDPA with a mask over the static cache (the "torch"
+# decode reference upcasts the whole cache to float32 every step, which inductor cannot fuse away: at 8 x 512 that
+# peer took 28.9 ms a step, a straw man, not the recipe).
+RECIPE_OPS = {op: "torch" for op in ops.CUDA_PREFERENCE} | {"attention": "sdpa", "decode_attention": "sdpa"}
 PEERS = ["stablelm-eager", "stablelm-torch-compile", "transformers-sdpa", "transformers-static-compile"]
 
 
@@ -186,10 +190,6 @@ def main(argv=None):
         suffix = f"-{args.quant}" + ("-head" if args.quantize_head else "") + ("-embed" if args.quantize_embedding
                                                                                 else "")
     elt = torch.finfo(dtype).bits // 8
-    # gpt-fast's recipe: plain PyTorch ops, attention through SDPA with a mask over the static cache (the "torch"
-    # decode reference upcasts the whole cache to float32 every step, which inductor cannot fuse away: at 8 x 512
-    # that peer took 28.9 ms a step, a straw man, not the recipe).
-    reference_ops = {op: "torch" for op in ops.CUDA_PREFERENCE} | {"attention": "sdpa", "decode_attention": "sdpa"}
     rows = []
 
     def fresh():
@@ -246,7 +246,7 @@ def main(argv=None):
             run_ours("stablelm-eager", batch, context, DecodeSession(model), cuda_graph=False)
         if "stablelm-torch-compile" in peers:
             run_ours("stablelm-torch-compile", batch, context, DecodeSession(model, builder=compiler),
-                     use_ops=reference_ops)
+                     use_ops=RECIPE_OPS)
 
     hf_peers = [p for p in peers if p.startswith("transformers")]
     if hf_peers:

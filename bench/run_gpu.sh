@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
-#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|train|train-more|tp|prefill|
+#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|train|train-ckpt-full|train-qlora|tp|prefill|
 #                                                        kernels|checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
-# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~8 min, train and train-more
-# ~6 min each); the benchmarks rewrite their JSON after every row, so a step cut short keeps what it finished.
+# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~8 min, train ~6 min,
+# train-ckpt-full 7 min, train-qlora 2 min); the benchmarks rewrite their JSON after every row, so a step cut short keeps what it finished.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off (the lent multi-GPU machines require it; harmless on one GPU).
@@ -12,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench/results}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
-steps=${*:-tests decode decode-batch quant train train-more tp prefill checkop kernels}
+steps=${*:-tests decode decode-batch quant train train-ckpt-full train-qlora tp prefill checkop kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
@@ -53,9 +53,12 @@ for s in $steps; do
                --out "$OUT/decode_int4_head_embed_${TAG}.json" ;;
     train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" \
                --rows stablelm-lora-peft,stablelm-lora-peft-compile,stablelm-lora-fused,transformers-lora ;;
-    train-more)  # the bf16 LoRA row again: the QLoRA rows' base in the same run
-             step python -m bench.report_train --steps 30 --out "$OUT/report_train_more_${TAG}.json" \
-               --rows stablelm-lora-peft,stablelm-lora-peft-ckpt,transformers-lora-ckpt,stablelm-full,transformers-full,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;
+    train-ckpt-full)  # gradient checkpointing (eager and compiled) and full fine-tuning, each against transformers
+             step python -m bench.report_train --out "$OUT/report_train_ckpt_full_${TAG}.json" \
+               --rows stablelm-lora-peft-ckpt,stablelm-lora-peft-ckpt-compile,stablelm-full,transformers-lora-ckpt,transformers-full ;;
+    train-qlora)  # the bf16 LoRA row again: the QLoRA rows' base in the same run
+             step python -m bench.report_train --steps 30 --out "$OUT/report_train_qlora_${TAG}.json" \
+               --rows stablelm-lora-peft,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;
     tp)      step python -m bench.tp_decode --out "$OUT/tp_decode_${TAG}.json" ;;
     prefill) step python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
     checkop) step python -m stablelm check-op rotary kernels.rotary:rotary_triton --device cuda --model --speed \
