@@ -1,7 +1,10 @@
 """KVCache: preallocated static key/value buffers with per-sequence lengths.
 
-Buffers are [layers, B, kv_heads, max_len, head_dim] and never reallocate, so a decode step has static shapes
-and can be captured in a CUDA graph. `lengths` (int32, on the device) is how many slots each sequence has
+`k` and `v` hold one buffer per layer, each [B, kv_heads, max_len, head_dim]; they never reallocate, so a decode
+step has static shapes and can be captured in a CUDA graph. One buffer per layer rather than one [layers, ...]
+tensor: a compiled step (torch.compile) writes each in place, while a write through a per-layer view of one
+shared tensor is functionalized into a copy of the whole tensor every step (the gpt-fast recipe's peer measured
+~11 ms of such copies per 27 ms step at batch 8, bench/results/profile_compile_peer_8x512_2026-12-02e.txt). `lengths` (int32, on the device) is how many slots each sequence has
 filled (left padding included); `start` is each sequence's first real slot (its left padding). `host_lengths`
 mirrors `lengths` on the host so the overflow check needs no device sync. Inside torch.compile the host mirror
 is left alone (a traced Python list would be a guard that changes every step): whoever runs a compiled step
@@ -17,9 +20,9 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if min(num_layers, batch_size, kv_heads, max_len, head_dim) <= 0:
             raise ValueError("KVCache dimensions must all be positive")
-        shape = (num_layers, batch_size, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.k = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers))
+        self.v = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers))
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.start = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.host_lengths = [0] * batch_size
@@ -32,15 +35,19 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        return self.k[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.k[0].device
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor a step reads or writes in place: the per-layer keys and values, lengths and starts."""
+        return [*self.k, *self.v, self.lengths, self.start]
 
     def check_room(self, n: int) -> None:
         """Raise before a write of n tokens per sequence would pass max_len."""
@@ -80,13 +87,13 @@ class KVCache:
         """Select/reorder sequences along the batch dim in place (beam search keeps the best beams)."""
         index = index.to(self.device)
         filled = max(self.host_lengths)  # slots past the longest sequence hold nothing worth moving
-        for buf in (self.k, self.v):
-            part = buf[:, :, :, :filled]
-            part.copy_(part.index_select(1, index))
+        for buf in (*self.k, *self.v):
+            part = buf[:, :, :filled]
+            part.copy_(part.index_select(0, index))
         self.lengths.copy_(self.lengths.index_select(0, index))
         self.start.copy_(self.start.index_select(0, index))
         host = index.tolist()
         self.host_lengths = [self.host_lengths[i] for i in host]
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

@@ -502,7 +502,7 @@ class DecodeSession:
         cache.reset()
         reset()
         gens = (state.generator,) if kind == "select" and sel.do_sample and device.type == "cuda" else ()
-        static = [cache.k, cache.v, cache.lengths, cache.start] + state.tensors()
+        static = cache.buffers() + state.tensors()
         with torch.no_grad():
             step = builder.build(run, reset, generators=gens, static=static)
         self.builds += 1

@@ -90,7 +90,7 @@ def worker(spec_path: str) -> None:
         model = stablelm.load(directory, tp=TP)
         cfg = model.config
         local = {"kv_heads": cfg.num_key_value_heads, "heads": cfg.num_attention_heads,
-                 "cache_kv_heads": model.make_cache(1, 4).k.shape[2], "head_dim": cfg.head_dim}
+                 "cache_kv_heads": model.make_cache(1, 4).k[0].shape[1], "head_dim": cfg.head_dim}
         out[name] = {**compute(model, inputs(cfg.vocab_size)), "local": local}
     torch.save(out, Path(spec["out"]) / f"rank{parallel.rank()}.pt")
     torch.distributed.barrier()  # both results are written before the failure below

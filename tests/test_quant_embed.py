@@ -189,7 +189,7 @@ def test_meta_device_and_dtype_follow_the_model():
     ids = torch.randint(0, cfg.vocab_size, (1, 4))
     model.to(torch.bfloat16)  # the output dtype follows, as a float parameter's would; the codes stay int8
     assert model.embed(ids).dtype == torch.bfloat16 and model.embed.qweight.dtype == torch.int8
-    assert model.dtype == torch.bfloat16 == model.make_cache(1, 8).k.dtype
+    assert model.dtype == torch.bfloat16 == model.make_cache(1, 8).dtype
     model.float()
     assert model.embed(ids).dtype == torch.float32
     assert model.num_params() == StableLM.random(cfg).num_params()  # counted as the float table it stands for

@@ -326,6 +326,41 @@ def test_compiled_reference_step_equals_eager():
         assert steps and all(isinstance(step.graph, torch.cuda.CUDAGraph) for step in steps)
 
 
+def test_compiled_decode_step_writes_the_cache_in_place():
+    """Inductor (on the CPU here) compiles the recipe's decode step without copying a layer's cache: each layer's
+    buffer is its own tensor, written in place. With one [layers, ...] tensor and per-layer views, the write was
+    functionalized into a whole-buffer copy, a loop over every cached element (the GPU peer's 8-of-27-ms copies)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from bench.decode import RECIPE_OPS
+    cfg = stablelm.preset("tiny")
+    model = stablelm.StableLM.random(cfg, seed=0)
+    B, T = 2, 40
+    cache, eager_cache = model.make_cache(B, T), model.make_cache(B, T)
+    ids = torch.randint(0, cfg.vocab_size, (B, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ops.using(**RECIPE_OPS):
+        model.prefill(cache, ids)
+        model.prefill(eager_cache, ids)
+        want = model(ids[:, :1], cache=eager_cache, last_only=True)  # the same step, uncompiled
+        for t in cache.buffers():
+            torch._dynamo.mark_static_address(t)
+        step = torch.compile(lambda tok: model(tok, cache=cache, last_only=True), dynamic=False, fullgraph=True)
+        before = [k.clone() for k in cache.k]
+        logits, code = run_and_get_code(step, ids[:, :1])
+    bounds = {int(n) for n in re.findall(r"static_cast<int64_t>\((\d+)L\)", "\n".join(code))}
+    layer = B * cfg.num_key_value_heads * T * cfg.head_dim
+    assert bounds and max(bounds) < layer, sorted(bounds)[-4:]
+    # ... and the step did write slot 8 of every layer, and nothing else.
+    for k, old in zip(cache.k, before):
+        assert not torch.equal(k[:, :, 8], old[:, :, 8])
+        assert torch.equal(k[:, :, :8], old[:, :, :8]) and torch.equal(k[:, :, 9:], old[:, :, 9:])
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)  # fp32; inductor may reorder sums
+    for got, ref in zip(cache.k + cache.v, eager_cache.k + eager_cache.v):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_builder_refuses_what_it_cannot_capture(pair):
     with pytest.raises(ValueError, match="inductor's own CUDA graphs"):
         CompileBuilder(mode="reduce-overhead")
