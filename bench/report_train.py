@@ -21,6 +21,9 @@ Rows (--rows, comma separated; default all), each with its peer (speedup = peer 
                            inductor's kernels replayed from CUDA graphs; --tiny: the aot_eager backend, so the smoke
                            run stays quick); peer transformers-lora, and reported against stablelm-lora-peft
                            (speedup_vs_eager)
+  stablelm-lora-peft-compile-default  the same compiled in inductor's default mode whatever --compile-mode says: no
+                           CUDA graphs, so no graph pool holding the step's memory between steps (the host
+                           launches inductor's kernels, ahead of the GPU as nothing in the step waits for it)
   stablelm-lora-fused      one adapter per fused qkv / o / gate_up / down (4 per layer); peer transformers-lora
   stablelm-lora-peft-ckpt  the peft layout with gradient checkpointing; peer transformers-lora-ckpt
   stablelm-lora-peft-ckpt-compile  the same compiled as stablelm-lora-peft-compile (the recomputed forward inside
@@ -84,6 +87,7 @@ COLUMNS = ["impl", "batch", "step_ms", "p10_ms", "p90_ms", "compile_s", "gpu_bus
 ROWS = {
     "stablelm-lora-peft": ("ours", dict(lm_mode="lora", lora_layout="peft")),
     "stablelm-lora-peft-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", compile=True)),
+    "stablelm-lora-peft-compile-default": ("ours", dict(lm_mode="lora", lora_layout="peft", compile="default")),
     "stablelm-lora-fused": ("ours", dict(lm_mode="lora", lora_layout="fused")),
     "stablelm-lora-peft-ckpt": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True)),
     "stablelm-lora-peft-ckpt-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True,
@@ -97,6 +101,7 @@ ROWS = {
     "transformers-full": ("hf", dict(lm_mode="full")),
 }
 PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile": "transformers-lora",
+         "stablelm-lora-peft-compile-default": "transformers-lora",
          "stablelm-lora-fused": "transformers-lora",
          "stablelm-lora-peft-ckpt": "transformers-lora-ckpt", "stablelm-lora-peft-ckpt-compile": "transformers-lora-ckpt",
          "stablelm-full": "transformers-full",
@@ -177,7 +182,7 @@ def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, setti
                tiny: bool, device, dtype, compile_with: tuple[str, str] | None = None) -> ReportModel:
     """Our ReportModel for one row: the random LM of `seed` (the same weights every row), quantized in place for the
     QLoRA rows before the adapters go on, and the converted transformers Swin. compile_with: (mode, backend) of
-    ReportModel.compile_loss for the rows that compile."""
+    ReportModel.compile_loss for the rows that compile (a row naming its own mode takes that one instead)."""
     lm = StableLM.random(lm_config, seed=seed, device=device, dtype=dtype)
     quant = settings.get("quant")
     if quant:
@@ -193,7 +198,7 @@ def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, setti
         if p.requires_grad:
             p.data = p.data.float()
     if settings.get("compile"):
-        model.compile_loss(*compile_with)
+        model.compile_loss(*row_compile(settings, *compile_with))
     return model
 
 
@@ -235,6 +240,12 @@ def build_transformers(lm_weights: dict, lm_config, swin_state: dict, encoder_co
     else:
         apply_lora(hf_lm, dict.fromkeys(HF_LORA_TARGETS), report.lora_r, report.lora_alpha, report.lora_dropout)
     return model, lora_backend
+
+
+def row_compile(settings: dict, mode: str, backend: str) -> tuple[str, str]:
+    """(mode, backend) a compiled row runs: its own inductor mode where it names one, else the run's."""
+    own = settings["compile"]
+    return (own if isinstance(own, str) and backend == "inductor" else mode), backend
 
 
 def adapter_shapes(model: ReportModel) -> str:
@@ -452,7 +463,8 @@ def main(argv=None) -> dict:
         row = measure(name, model, images, reports, steps, cuda, leftover)
         row["lora_backend"] = backend
         if settings.get("compile"):
-            row.update(compile_mode=compile_mode, compile_backend=compile_backend)
+            mode, backend = row_compile(settings, compile_mode, compile_backend)
+            row.update(compile_mode=mode, compile_backend=backend)
         rows.append(row)
         if args.out:  # rewritten after each row ("complete": false until the end): a run cut short keeps its rows
             write_json(args.out, {"benchmark": "report_train", "env": env, "complete": False, "rows": rows})
@@ -465,8 +477,8 @@ def main(argv=None) -> dict:
         row["peer"] = peer["impl"] if peer else None
         row["speedup"] = peer["step_ms"] / row["step_ms"] if peer else None
         base = by_name.get("stablelm-lora-peft")
-        eager = by_name.get(row["impl"].removesuffix("-compile"))  # a compiled row's eager twin
-        if row["impl"].endswith("-compile") and eager:
+        eager = by_name.get(row["impl"].partition("-compile")[0])  # a compiled row's eager twin
+        if "-compile" in row["impl"] and eager:
             row["speedup_vs_eager"] = eager["step_ms"] / row["step_ms"]
         if row["impl"].startswith("stablelm-qlora") and base:
             row["step_vs_bf16_lora"] = row["step_ms"] / base["step_ms"]

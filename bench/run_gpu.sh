@@ -3,8 +3,9 @@
 #   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|train|train-ckpt-full|train-qlora|tp|prefill|
 #                                                        kernels|checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
-# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~8 min, train ~6 min,
-# train-ckpt-full 7 min, train-qlora 2 min); the benchmarks rewrite their JSON after every row, so a step cut short keeps what it finished.
+# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~8 min; train ~6 min with
+# three rows, ~8.5 with its second compiled row; train-ckpt-full 7 min; train-qlora ~3 min); the benchmarks
+# rewrite their JSON after every row, so a step cut short keeps what it finished.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off (the lent multi-GPU machines require it; harmless on one GPU).
@@ -52,13 +53,13 @@ for s in $steps; do
              step python -m bench.decode --quant int4 --quantize-head --quantize-embedding --rows 1x128 --peers none \
                --out "$OUT/decode_int4_head_embed_${TAG}.json" ;;
     train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" \
-               --rows stablelm-lora-peft,stablelm-lora-peft-compile,stablelm-lora-fused,transformers-lora ;;
+               --rows stablelm-lora-peft,stablelm-lora-peft-compile,stablelm-lora-peft-compile-default,transformers-lora ;;
     train-ckpt-full)  # gradient checkpointing (eager and compiled) and full fine-tuning, each against transformers
              step python -m bench.report_train --out "$OUT/report_train_ckpt_full_${TAG}.json" \
                --rows stablelm-lora-peft-ckpt,stablelm-lora-peft-ckpt-compile,stablelm-full,transformers-lora-ckpt,transformers-full ;;
-    train-qlora)  # the bf16 LoRA row again: the QLoRA rows' base in the same run
+    train-qlora)  # the bf16 LoRA row again: the QLoRA rows' base in the same run (and the fused-adapter layout)
              step python -m bench.report_train --steps 30 --out "$OUT/report_train_qlora_${TAG}.json" \
-               --rows stablelm-lora-peft,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;
+               --rows stablelm-lora-peft,stablelm-lora-fused,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;
     tp)      step python -m bench.tp_decode --out "$OUT/tp_decode_${TAG}.json" ;;
     prefill) step python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
     checkop) step python -m stablelm check-op rotary kernels.rotary:rotary_triton --device cuda --model --speed \

@@ -35,8 +35,10 @@ def test_rows_present_and_finite(run):
         assert rows[name]["peer"] == peer
         assert rows[name]["speedup"] == pytest.approx(rows[peer]["step_ms"] / rows[name]["step_ms"])
     assert rows["transformers-lora"]["speedup"] == 1.0
-    for eager in ("stablelm-lora-peft", "stablelm-lora-peft-ckpt"):
-        compiled = rows[f"{eager}-compile"]
+    for eager, compiled in (("stablelm-lora-peft", "stablelm-lora-peft-compile"),
+                            ("stablelm-lora-peft", "stablelm-lora-peft-compile-default"),
+                            ("stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile")):
+        compiled = rows[compiled]
         assert (compiled["compile_mode"], compiled["compile_backend"]) == ("default", "aot_eager")  # --tiny: cheap
         assert compiled["speedup_vs_eager"] == pytest.approx(rows[eager]["step_ms"] / compiled["step_ms"])
     for fmt in ("int8", "int4", "nf4"):
@@ -53,8 +55,9 @@ def test_same_weights_same_loss(run):
     rows = {r["impl"]: r for r in payload["rows"]}
     # fp32 on the CPU, same LM / Swin / projector weights and inputs: only summation order may differ.
     assert payload["loss_step0_rel_diff"] < 1e-4
-    for name in ("stablelm-lora-fused", "stablelm-lora-peft-compile", "stablelm-lora-peft-ckpt",
-                 "stablelm-lora-peft-ckpt-compile", "stablelm-full", "transformers-lora-ckpt", "transformers-full"):
+    for name in ("stablelm-lora-fused", "stablelm-lora-peft-compile", "stablelm-lora-peft-compile-default",
+                 "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-full",
+                 "transformers-lora-ckpt", "transformers-full"):
         assert rows[name]["loss_step0"] == pytest.approx(rows["transformers-lora"]["loss_step0"], rel=1e-4), name
     ours = rows["stablelm-lora-peft"]
     prompt = ours["seq_len"] - 49 - payload["report_config"]["max_length"]
@@ -72,9 +75,21 @@ def test_trainable_counts_follow_the_adapter_layouts(run):
     full = StableLM(cfg).num_params()
     counts = {row["impl"]: row["trainable_params"] for row in payload["rows"]}
     want = {"stablelm-lora-fused": L * fused}
-    for name in ("stablelm-lora-peft", "stablelm-lora-peft-compile", "stablelm-lora-peft-ckpt",
-                 "stablelm-lora-peft-ckpt-compile", "stablelm-qlora-int8", "stablelm-qlora-int4", "stablelm-qlora-nf4",
+    for name in ("stablelm-lora-peft", "stablelm-lora-peft-compile", "stablelm-lora-peft-compile-default",
+                 "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-qlora-int8", "stablelm-qlora-int4", "stablelm-qlora-nf4",
                  "transformers-lora", "transformers-lora-ckpt"):
         want[name] = L * peft
     want["stablelm-full"] = want["transformers-full"] = full
     assert counts == {name: projector + n for name, n in want.items()}
+
+
+def test_a_row_naming_its_compile_mode_keeps_it():
+    """The -compile-default row runs inductor's default mode (no CUDA graphs) while the run's -compile rows take
+    --compile-mode; a backend other than inductor has no modes, so every compiled row takes the run's."""
+    rows = report_train.ROWS
+    assert report_train.row_compile(rows["stablelm-lora-peft-compile-default"][1], "reduce-overhead",
+                                    "inductor") == ("default", "inductor")
+    assert report_train.row_compile(rows["stablelm-lora-peft-compile"][1], "reduce-overhead",
+                                    "inductor") == ("reduce-overhead", "inductor")
+    assert report_train.row_compile(rows["stablelm-lora-peft-compile-default"][1], "default",
+                                    "aot_eager") == ("default", "aot_eager")
