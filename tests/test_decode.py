@@ -11,7 +11,8 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
 
 
 def make_inputs(B, Hq, Hkv, T, D, dtype, kv_len, kv_start=None, layers=2):
-    """q is a strided view of a fused qkv row and the caches are one layer of a [layers, B, Hkv, T, D] buffer."""
+    """q is a strided view of a fused qkv row; each cache is a contiguous [B, Hkv, T, D] buffer as KVCache holds one
+    per layer, taken as the last of a stack so that an offset gone wrong reads other layers' data."""
     qkv = torch.randn(B, 1, Hq + 2 * Hkv, D, device=DEVICE).to(dtype)
     q = qkv[:, 0, :Hq]
     k_all = torch.randn(layers, B, Hkv, T, D, device=DEVICE).to(dtype)
