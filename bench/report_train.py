@@ -103,7 +103,8 @@ ROWS = {
 PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile": "transformers-lora",
          "stablelm-lora-peft-compile-default": "transformers-lora",
          "stablelm-lora-fused": "transformers-lora",
-         "stablelm-lora-peft-ckpt": "transformers-lora-ckpt", "stablelm-lora-peft-ckpt-compile": "transformers-lora-ckpt",
+         "stablelm-lora-peft-ckpt": "transformers-lora-ckpt",
+         "stablelm-lora-peft-ckpt-compile": "transformers-lora-ckpt",
          "stablelm-full": "transformers-full",
          "stablelm-qlora-int8": "transformers-lora", "stablelm-qlora-int4": "transformers-lora",
          "stablelm-qlora-nf4": "transformers-lora"}

@@ -4,8 +4,8 @@
 step has static shapes and can be captured in a CUDA graph. One buffer per layer rather than one [layers, ...]
 tensor: a compiled step (torch.compile) writes each in place, while a write through a per-layer view of one
 shared tensor is functionalized into a copy of the whole tensor every step (the gpt-fast recipe's peer measured
-~11 ms of such copies per 27 ms step at batch 8, bench/results/profile_compile_peer_8x512_2026-12-02e.txt). `lengths` (int32, on the device) is how many slots each sequence has
-filled (left padding included); `start` is each sequence's first real slot (its left padding). `host_lengths`
+~11 ms of such copies per 27 ms step at batch 8, bench/results/profile_compile_peer_8x512_2026-12-02e.txt).
+`lengths` (int32, on the device) is how many slots each sequence has filled (left padding included); `start` is each sequence's first real slot (its left padding). `host_lengths`
 mirrors `lengths` on the host so the overflow check needs no device sync. Inside torch.compile the host mirror
 is left alone (a traced Python list would be a guard that changes every step): whoever runs a compiled step
 keeps it, as the decode session does with `set_host_length`.

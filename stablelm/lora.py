@@ -214,8 +214,10 @@ def make_optimizer(module: nn.Module, lr: float, weight_decay: float, total_step
 def _fusable(params) -> bool:
     """Whether torch's fused AdamW takes these parameters: all float on CUDA, none an FSDP2 DTensor shard (kept on
     the foreach path, whose DTensor support is older)."""
+    if not all(p.is_cuda and p.is_floating_point() for p in params):
+        return False
     from torch.distributed.tensor import DTensor
-    return all(p.is_cuda and p.is_floating_point() and not isinstance(p, DTensor) for p in params)
+    return not any(isinstance(p, DTensor) for p in params)
 
 
 def merge_lora(module: nn.Module) -> list[str]:

@@ -88,3 +88,19 @@ def test_decode_refuses_zero_new_tokens(capsys):
     with pytest.raises(SystemExit) as e:
         decode.main(["--tiny", "--new-tokens", "0"])
     assert e.value.code == 2 and "--new-tokens must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("peer", [None, "torch-compile"])
+def test_gpu_profile_decode_from_the_command_line(tmp_path, peer):
+    """bench.profile_decode in a subprocess on the tiny preset: our eager step, and the gpt-fast recipe's compiled
+    step (--peer torch-compile); each reports the kernels it profiled."""
+    import subprocess
+    import sys
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "bench.profile_decode", "--preset", "tiny", "--steps", "3", "--out", str(out)]
+    result = subprocess.run(cmd + (["--peer", peer] if peer else []), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["kernels_per_step"] > 0 and payload["gpu_us_per_step"] > 0 and payload["rows"]
+    assert payload.get("peer") == peer

@@ -76,7 +76,8 @@ def test_trainable_counts_follow_the_adapter_layouts(run):
     counts = {row["impl"]: row["trainable_params"] for row in payload["rows"]}
     want = {"stablelm-lora-fused": L * fused}
     for name in ("stablelm-lora-peft", "stablelm-lora-peft-compile", "stablelm-lora-peft-compile-default",
-                 "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-qlora-int8", "stablelm-qlora-int4", "stablelm-qlora-nf4",
+                 "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-qlora-int8",
+                 "stablelm-qlora-int4", "stablelm-qlora-nf4",
                  "transformers-lora", "transformers-lora-ckpt"):
         want[name] = L * peft
     want["stablelm-full"] = want["transformers-full"] = full
