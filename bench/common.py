@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
-from stablelm.measure import copy_bandwidth_gbs, environment, graph_ms, markdown_table, matmul_tflops, time_cuda
+from stablelm.measure import (copy_bandwidth_gbs, environment, graph_ms, markdown_table, matmul_tflops,
+                              read_bandwidth_gbs, time_cuda)
 
 __all__ = ["bench_device", "bench_ms", "copies_for", "copy_bandwidth_gbs", "environment", "graph_ms",
-           "markdown_table", "matmul_tflops", "resident_bytes", "time_cuda", "weight_bytes", "write_json"]
+           "markdown_table", "matmul_tflops", "read_bandwidth_gbs", "resident_bytes", "time_cuda", "weight_bytes",
+           "write_json"]
 
 
 def resident_bytes(model) -> int:

@@ -32,7 +32,9 @@ new_tokens and new_tokens / 2, as transformers' rows measure theirs) and overhea
 difference with it) give a second estimate that does not lean on the replay. For transformers' rows step_ms is
 that marginal ms per token (no overhead column).
 bw_util = bytes a step must read (every weight once + the KV cache up to the middle context) / step_ms / copy
-bandwidth measured in this run; call_bw_util the same over the decode part of the whole call. The ratio table
+bandwidth measured in this run; call_bw_util the same over the decode part of the whole call; read_bw_util the
+step's bytes over the read bandwidth measured in this run (a sum over 1 GiB: the copy's read + write ran at 0.73x
+of it on some H200 leases, so a fraction of the copy figure can pass 1). The ratio table
 gives call_ms(peer) / call_ms(stablelm) per row.
 """
 from __future__ import annotations
@@ -44,8 +46,8 @@ import time
 import torch
 
 import stablelm.ops as ops
-from bench.common import (bench_device, copy_bandwidth_gbs, environment, markdown_table, resident_bytes, time_cuda,
-                          weight_bytes, write_json)
+from bench.common import (bench_device, copy_bandwidth_gbs, environment, markdown_table, read_bandwidth_gbs,
+                          resident_bytes, time_cuda, weight_bytes, write_json)
 from stablelm import StableLM, preset
 from stablelm.generate import DecodeSession, generate
 from stablelm.graph import CompileBuilder
@@ -180,6 +182,7 @@ def main(argv=None):
         peers = [p for p in peers if not p.startswith("transformers")]  # transformers runs the float model only
     env = environment()
     copy_gbs = copy_bandwidth_gbs() if cuda else None
+    read_gbs = read_bandwidth_gbs() if cuda else None
     model = StableLM.random(cfg, device=device, dtype=dtype)
     suffix = ""
     if args.quant:
@@ -200,7 +203,8 @@ def main(argv=None):
 
     header = {"benchmark": "decode", "env": env, "model": args.preset if not args.tiny else "tiny",
               "dtype": str(dtype), "quant": args.quant, "quantize_head": args.quantize_head,
-              "quantize_embedding": args.quantize_embedding, "copy_bandwidth_gbs": copy_gbs, "new_tokens": new,
+              "quantize_embedding": args.quantize_embedding, "copy_bandwidth_gbs": copy_gbs,
+              "read_bandwidth_gbs": read_gbs, "new_tokens": new,
               "iters": iters}
 
     def add(row):
@@ -237,6 +241,7 @@ def main(argv=None):
             nbytes = step_bytes(model, cfg, batch, mid, elt)
             row["bw_util"] = nbytes / (step_ms * 1e-3) / (copy_gbs * 1e9)
             row["call_bw_util"] = nbytes * (new - 1) / ((call_ms - prefill_ms) * 1e-3) / (copy_gbs * 1e9)
+            row["read_bw_util"] = nbytes / (step_ms * 1e-3) / (read_gbs * 1e9)
         record(row)
         session.clear()
 
@@ -291,8 +296,8 @@ def main(argv=None):
         ratios.append(ratio)
 
     columns = ["impl", "batch", "context", "new_tokens", "call_ms", "tokens_per_s", "step_ms", "step_source",
-               "prefill_ms", "overhead_ms", "overhead_marginal_ms", "bw_util", "call_bw_util", "peak_vram_gib",
-               "speedup_of_stablelm", "error"]
+               "prefill_ms", "overhead_ms", "overhead_marginal_ms", "bw_util", "call_bw_util", "read_bw_util",
+               "peak_vram_gib", "speedup_of_stablelm", "error"]
     print()
     print(markdown_table(rows, columns))
     ratio_columns = sorted({k for r in ratios for k in r}, key=lambda k: (not k.startswith("batch"),

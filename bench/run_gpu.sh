@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
-#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|train|train-ckpt-full|train-qlora|tp|prefill|
-#                                                        kernels|checkop ...]
+#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|quant-gemv|train|
+#                                                        train-ckpt-full|train-qlora|tp|prefill|kernels|checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
 # step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~8 min; train ~6 min with
 # three rows, ~8.5 with its second compiled row; train-ckpt-full 7 min; train-qlora ~3 min); the benchmarks
@@ -13,7 +13,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench/results}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
-steps=${*:-tests decode decode-batch quant train train-ckpt-full train-qlora tp prefill checkop kernels}
+steps=${*:-tests decode decode-batch quant quant-gemv train train-ckpt-full train-qlora tp prefill checkop kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
@@ -46,8 +46,11 @@ for s in $steps; do
     decode)  step python -m bench.decode --rows 1x128 --out "$OUT/decode_${TAG}.json" ;;
     decode-batch)  # transformers' static-cache compile recompiles per shape: the slowest peer, run last
              step python -m bench.decode --rows 8x512,32x512 --iters 2 --out "$OUT/decode_batch_${TAG}.json" ;;
-    quant)   for q in int8 int4; do
-               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers none --out "$OUT/decode_${q}_${TAG}.json"
+    quant)   # the bf16 row again (the quantized rows' ratio in the same run), then each format against the recipe peer
+             step python -m bench.decode --rows 1x128,8x512 --peers none --out "$OUT/decode_bf16_${TAG}.json"
+             for q in int8 int4; do
+               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers stablelm-torch-compile \
+                 --out "$OUT/decode_${q}_${TAG}.json"
              done
              # the size target's layout: int4 with the lm_head and the embedding table quantized too
              step python -m bench.decode --quant int4 --quantize-head --quantize-embedding --rows 1x128 --peers none \
@@ -60,6 +63,7 @@ for s in $steps; do
     train-qlora)  # the bf16 LoRA row again: the QLoRA rows' base in the same run (and the fused-adapter layout)
              step python -m bench.report_train --steps 30 --out "$OUT/report_train_qlora_${TAG}.json" \
                --rows stablelm-lora-peft,stablelm-lora-fused,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;
+    quant-gemv) step python -m bench.quant_gemv_peers --out "$OUT/quant_gemv_peers_${TAG}.json" ;;
     tp)      step python -m bench.tp_decode --out "$OUT/tp_decode_${TAG}.json" ;;
     prefill) step python -m bench.prefill --out "$OUT/prefill_${TAG}.json" ;;
     checkop) step python -m stablelm check-op rotary kernels.rotary:rotary_triton --device cuda --model --speed \

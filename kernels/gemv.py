@@ -430,8 +430,8 @@ def prefer_gemv(M: int, bits: int) -> bool:
     """Whether these kernels beat the alternative (cuBLAS for float weights, kernels/quant.py's tiled kernel for
     int8 / int4) at M rows. On an H200 (bench/results/gemv_h200.json): at M = 1 the CUDA-core kernel wins on every
     StableLM-3B shape for bf16 (1.03-1.23x) and int8 (1.16-1.46x), but int4 loses on qkv / gate_up / down (ALU
-    bound: ~5 instructions per 4-bit weight); the tensor-core kernel loses at 2 <= M <= 32 for every format.
-    Those paths stay available through gemv(config=)."""
+    bound: ~5 instructions per 4-bit weight; kernels/quant.py sends int4 rows to tinygemm, kernels/int4pack.py); the
+    tensor-core kernel loses at 2 <= M <= 32 for every format. Those paths stay available through gemv(config=)."""
     return M == 1 and bits != 4
 
 

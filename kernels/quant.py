@@ -58,6 +58,7 @@ import triton.language as tl
 
 from kernels import contract as _c
 from kernels import gemv as _gemv
+from kernels import int4pack as _int4pack
 from kernels._common import FLOAT_DTYPES, check_tiles, skinny_split_k, sm_count
 
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
@@ -414,14 +415,17 @@ def quant_linear_tiled(x, qweight, scales, zeros, bias, bits, group_size):
 
 def quant_linear_triton(x, qweight, scales, zeros, bias, bits, group_size):
     """Triton quant_linear: kernels/gemv.py's decode GEMV where it measures faster (kernels.gemv.prefer_gemv:
-    batch-1 decode); from DEQUANT_MATMUL_MIN_ROWS rows the weight dequantized to x's dtype (one Triton pass) and
-    cuBLAS; the tiled kernel between. Differentiable in x and bias (_QuantLinearFunction)."""
+    batch-1 decode in bf16 / int8); int4 at one row of bf16 x on CUDA through torch's tinygemm kernel
+    (kernels/int4pack.py says why and what it costs); from DEQUANT_MATMUL_MIN_ROWS rows the weight dequantized to
+    x's dtype (one Triton pass) and cuBLAS; the tiled kernel between. Differentiable in x and bias (_QuantLinearFunction)."""
     N, K = _check_op_args(x, qweight, scales, zeros, bias, bits, group_size)
     if _needs_grad(x, bias):
         return _QuantLinearFunction.apply(quant_linear_triton, x, qweight, scales, zeros, bias, bits, group_size)
     M = x.shape[:-1].numel()
     if M > 0 and K > 0 and _gemv.prefer_gemv(M, bits):
         return _gemv.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size)
+    if M == 1 and bits == 4 and _int4pack.usable(x, N, K, group_size):
+        return _int4pack.int4pack_linear(x, qweight, scales, zeros, bias, group_size)
     if M >= DEQUANT_MATMUL_MIN_ROWS:
         w = dequantize_triton(qweight, scales, zeros, bits, group_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))

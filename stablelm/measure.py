@@ -1,6 +1,6 @@
 """Measuring on this machine, shared by check-op (stablelm/oplab.py) and the benchmark scripts (bench/): the
 environment record, timing (CUDA events; a CUDA graph of many calls where the host's launch cost must not count),
-the machine's copy bandwidth and matmul rate that utilisation is a fraction of, and markdown tables."""
+the machine's copy and read bandwidth and matmul rate that utilisation is a fraction of, and markdown tables."""
 from __future__ import annotations
 
 import datetime
@@ -81,6 +81,14 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
     return 2 * src.nbytes / graph_ms([lambda: dst.copy_(src)]) / 1e6
+
+
+def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device read bandwidth in GB/s (a sum over nbytes, reading each byte once and writing one number),
+    graph-timed. A decode step reads its weights and writes little, and on some GPUs a copy's mixed read + write
+    runs well under the read rate (an H200 on 2026-12-02: copy 2.7 TB/s, bf16 GEMVs reading 3.7 TB/s)."""
+    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
+    return src.nbytes / graph_ms([lambda: src.sum(dtype=torch.float32)]) / 1e6
 
 
 def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
