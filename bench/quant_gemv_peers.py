@@ -76,7 +76,7 @@ def main(argv=None):
         for kernel, (tensors, call) in variants(N, K).items():
             wbytes = sum(t.nbytes for t in tensors if t is not None)
             copies = max(2, min(64, math.ceil(4 * l2 / wbytes)))
-            sets = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
+            sets = [tensors] + [tuple(None if t is None else t.clone() for t in tensors) for _ in range(copies - 1)]
             for M in ms_list:
                 if kernel == "int8-aten-pack" and M > 1:  # 20x slower than the others at one row already
                     continue

@@ -1,6 +1,7 @@
 """The benchmark scripts' --tiny mode runs on the CPU and produces sane rows (the GPU numbers come from the
 same code paths)."""
 import json
+import os
 
 import pytest
 
@@ -104,3 +105,25 @@ def test_gpu_profile_decode_from_the_command_line(tmp_path, peer):
     payload = json.loads(out.read_text())
     assert payload["kernels_per_step"] > 0 and payload["gpu_us_per_step"] > 0 and payload["rows"]
     assert payload.get("peer") == peer
+
+
+def test_quant_gemv_peers_says_it_needs_a_gpu():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "bench.quant_gemv_peers", "--ms", "1"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2 and "error: needs a GPU" in result.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_quant_gemv_peers_from_the_command_line(tmp_path):
+    """bench.quant_gemv_peers in a subprocess at one row: every kernel timed at every 3B shape, step totals."""
+    import subprocess
+    import sys
+    out = tmp_path / "q.json"
+    result = subprocess.run([sys.executable, "-m", "bench.quant_gemv_peers", "--ms", "1", "--rep-ms", "2",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    timed = {(r["shape"], r["kernel"]) for r in payload["rows"] if "us" in r}
+    assert len(timed) == 5 * 8 and {t["kernel"] for t in payload["step_totals"]} >= {"int4-stablelm", "bf16-cublas"}
