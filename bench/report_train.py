@@ -18,12 +18,16 @@ Rows (--rows, comma separated; default all), each with its peer (speedup = peer 
                            peer transformers-lora
   stablelm-lora-peft-compile  the same with the LM part of the loss under torch.compile (ReportModel.compile_loss:
                            reference ops + SDPA traced into one graph; --compile-mode, default reduce-overhead, i.e.
-                           inductor's kernels replayed from CUDA graphs; --tiny: the aot_eager backend, so the smoke
-                           run stays quick); peer transformers-lora, and reported against stablelm-lora-peft
+                           inductor's kernels replayed from CUDA graphs; --tiny: the aot_eager_decomp_partition
+                           backend, AOT autograd's graphs and partitioner without code generation, so the smoke run
+                           stays quick); peer transformers-lora, and reported against stablelm-lora-peft
                            (speedup_vs_eager)
   stablelm-lora-peft-compile-default  the same compiled in inductor's default mode whatever --compile-mode says: no
                            CUDA graphs, so no graph pool holding the step's memory between steps (the host
                            launches inductor's kernels, ahead of the GPU as nothing in the step waits for it)
+  stablelm-lora-peft-compile-budget  stablelm-lora-peft-compile saving at most half of the activations its
+                           partitioner would (ReportModel.compile_loss memory_budget=0.5, `--compile-memory-budget`;
+                           the rest recomputed in the backward); peer transformers-lora
   stablelm-lora-fused      one adapter per fused qkv / o / gate_up / down (4 per layer); peer transformers-lora
   stablelm-lora-peft-ckpt  the peft layout with gradient checkpointing; peer transformers-lora-ckpt
   stablelm-lora-peft-ckpt-compile  the same compiled as stablelm-lora-peft-compile (the recomputed forward inside
@@ -88,6 +92,8 @@ ROWS = {
     "stablelm-lora-peft": ("ours", dict(lm_mode="lora", lora_layout="peft")),
     "stablelm-lora-peft-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", compile=True)),
     "stablelm-lora-peft-compile-default": ("ours", dict(lm_mode="lora", lora_layout="peft", compile="default")),
+    "stablelm-lora-peft-compile-budget": ("ours", dict(lm_mode="lora", lora_layout="peft", compile=True,
+                                                       memory_budget=0.5)),
     "stablelm-lora-fused": ("ours", dict(lm_mode="lora", lora_layout="fused")),
     "stablelm-lora-peft-ckpt": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True)),
     "stablelm-lora-peft-ckpt-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True,
@@ -102,6 +108,7 @@ ROWS = {
 }
 PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile": "transformers-lora",
          "stablelm-lora-peft-compile-default": "transformers-lora",
+         "stablelm-lora-peft-compile-budget": "transformers-lora",
          "stablelm-lora-fused": "transformers-lora",
          "stablelm-lora-peft-ckpt": "transformers-lora-ckpt",
          "stablelm-lora-peft-ckpt-compile": "transformers-lora-ckpt",
@@ -192,14 +199,15 @@ def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, setti
     encoder = SwinEncoder(encoder_config).to(device)
     encoder.load_state_dict(convert_hf_state_dict(swin_state, encoder_config))
     encoder.to(dtype)
-    config = dataclasses.replace(report, **{k: v for k, v in settings.items() if k not in ("quant", "compile")})
+    config = dataclasses.replace(report, **{k: v for k, v in settings.items()
+                                             if k not in ("quant", "compile", "memory_budget")})
     torch.manual_seed(seed)  # the projector's (and adapters') initialisation: the same in every row
     model = ReportModel(encoder, lm, tokenizer, config).to(device)
     for p in model.parameters():  # float32 master weights for whatever trains, as vision.pipeline.build_model
         if p.requires_grad:
             p.data = p.data.float()
     if settings.get("compile"):
-        model.compile_loss(*row_compile(settings, *compile_with))
+        model.compile_loss(*row_compile(settings, *compile_with), settings.get("memory_budget"))
     return model
 
 
@@ -402,8 +410,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile-mode", choices=COMPILE_MODES,
                     help="torch.compile mode of the -compile row (default: reduce-overhead with inductor, else "
                          "default)")
-    ap.add_argument("--compile-backend", help="torch.compile backend of the -compile row (default: inductor; --tiny: "
-                                              "aot_eager, which compiles in seconds on the CPU)")
+    ap.add_argument("--compile-backend", help="torch.compile backend of the -compile rows (default: inductor; --tiny: "
+                                              "aot_eager_decomp_partition, which compiles in seconds on the CPU)")
     ap.add_argument("--hf-lora", choices=["auto", "peft", "stablelm.lora"], default="auto",
                     help="LoRA on the transformers side (auto: peft when installed)")
     ap.add_argument("--seed", type=int, default=0)
@@ -415,10 +423,14 @@ def main(argv=None) -> dict:
         ap.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
 
     cuda, device, dtype = bench_device(ap, args.tiny)
-    compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    compile_backend = args.compile_backend or ("aot_eager_decomp_partition" if args.tiny else "inductor")
     compile_mode = args.compile_mode or ("reduce-overhead" if compile_backend == "inductor" else "default")
     try:
         check_compile(compile_mode, compile_backend)
+        for name in names:  # before any row runs: a row's own budget must suit the backend
+            settings = ROWS[name][1]
+            if settings.get("compile"):
+                check_compile(*row_compile(settings, compile_mode, compile_backend), settings.get("memory_budget"))
     except ValueError as e:
         ap.error(f"--compile-mode / --compile-backend: {e}")
     lm_preset, encoder_preset = ("tiny", "tiny") if args.tiny else ("stablelm-3b-4e1t", "swin-base")
@@ -465,7 +477,7 @@ def main(argv=None) -> dict:
         row["lora_backend"] = backend
         if settings.get("compile"):
             mode, backend = row_compile(settings, compile_mode, compile_backend)
-            row.update(compile_mode=mode, compile_backend=backend)
+            row.update(compile_mode=mode, compile_backend=backend, compile_memory_budget=settings.get("memory_budget"))
         rows.append(row)
         if args.out:  # rewritten after each row ("complete": false until the end): a run cut short keeps its rows
             write_json(args.out, {"benchmark": "report_train", "env": env, "complete": False, "rows": rows})

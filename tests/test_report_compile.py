@@ -108,6 +108,41 @@ def test_bad_compile_settings_are_clear_errors(tokenizer_dir):
     assert TrainConfig().compile is None and TrainConfig().compile_backend == "inductor"
     with pytest.raises(ValueError, match="compile='fast'"):
         tiny_model(tokenizer_dir).compile_loss("fast")
+    with pytest.raises(ValueError, match=r"compile_memory_budget=0.5 needs compile set"):
+        TrainConfig(compile_memory_budget=0.5)
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"compile_memory_budget=.*: must be a fraction in \(0, 1\]"):
+            TrainConfig(compile="default", compile_memory_budget=bad)
+    with pytest.raises(ValueError, match="compile_backend='aot_eager' does not read it"):
+        TrainConfig(compile="default", compile_backend="aot_eager", compile_memory_budget=0.5)
+    assert TrainConfig(compile="default", compile_memory_budget=1).compile_memory_budget == 1
+
+
+def test_a_memory_budget_saves_fewer_activations_and_keeps_the_gradients(tokenizer_dir):
+    """compile_loss(memory_budget=): the compiled step saves fewer bytes for its backward (counted by a
+    saved-tensors hook around the compiled call) and recomputes the rest, so loss and gradients stay eager's."""
+    model = tiny_model(tokenizer_dir)
+    model.train()
+    pixels = images()
+    eager_loss, eager_grads = loss_and_grads(model, pixels, REPORTS)
+    saved = {}
+    for budget in (None, 0.1):
+        torch._dynamo.reset()
+        model.compile_loss("default", "aot_eager_decomp_partition", memory_budget=budget)
+        loss_and_grads(model, pixels, REPORTS)  # the call that compiles
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = loss_and_grads(model, pixels, REPORTS)
+        saved[budget] = total[0]
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        for name, g in grads.items():
+            assert ((g - eager_grads[name]).abs().max() / eager_grads[name].abs().max()).item() < 1e-5, name
+    assert 0 < saved[0.1] < 0.7 * saved[None], saved
+    torch._dynamo.reset()
 
 
 def run_cli(*args):
@@ -119,10 +154,15 @@ def test_cli_shows_the_compile_flags_and_refuses_a_bad_backend(tmp_path):
     help_text = " ".join(run_cli("--help").stdout.split())
     assert "--compile {default,lite,reduce-overhead,max-autotune-no-cudagraphs,max-autotune}" in help_text
     assert "--compile-backend COMPILE_BACKEND" in help_text and "(default: inductor)" in help_text
+    assert "--compile-memory-budget COMPILE_MEMORY_BUDGET" in help_text
     proc = run_cli("--annotation", tmp_path / "a.json", "--image-dir", tmp_path, "--out", tmp_path / "run",
                    "--compile", "default", "--compile-backend", "nope")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "error: TrainConfig: compile_backend='nope'" in proc.stderr
+    proc = run_cli("--annotation", tmp_path / "a.json", "--image-dir", tmp_path, "--out", tmp_path / "run",
+                   "--compile-memory-budget", "0.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: TrainConfig: compile_memory_budget=0.5 needs compile set" in proc.stderr
 
 
 def test_a_run_trains_through_the_compile_flags(tmp_path, monkeypatch):
@@ -137,7 +177,7 @@ def test_a_run_trains_through_the_compile_flags(tmp_path, monkeypatch):
         "--epochs", "1", "--batch-size", "4", "--max-length", "16", "--lm-mode", "lora", "--num-beams", "1",
         "--min-new-tokens", "0", "--max-new-tokens", "4", "--val-limit", "2", "--device", "cpu", "--compile",
         "default", "--compile-backend", "eager"])))
-    assert calls == [("default", "eager")]
+    assert calls == [("default", "eager", None)]
     assert results["train"]["compile"] == "default" and results["train"]["compile_backend"] == "eager"
     assert math.isfinite(results["epochs"][0]["train_loss"]) and results["epochs"][0]["step"] == 2
     assert (tmp_path / "run" / "last" / "model.safetensors").is_file()

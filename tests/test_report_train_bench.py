@@ -37,10 +37,14 @@ def test_rows_present_and_finite(run):
     assert rows["transformers-lora"]["speedup"] == 1.0
     for eager, compiled in (("stablelm-lora-peft", "stablelm-lora-peft-compile"),
                             ("stablelm-lora-peft", "stablelm-lora-peft-compile-default"),
+                            ("stablelm-lora-peft", "stablelm-lora-peft-compile-budget"),
                             ("stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile")):
         compiled = rows[compiled]
-        assert (compiled["compile_mode"], compiled["compile_backend"]) == ("default", "aot_eager")  # --tiny: cheap
+        # --tiny: cheap, and a backend whose partitioner reads the memory budget
+        assert (compiled["compile_mode"], compiled["compile_backend"]) == ("default", "aot_eager_decomp_partition")
         assert compiled["speedup_vs_eager"] == pytest.approx(rows[eager]["step_ms"] / compiled["step_ms"])
+    assert rows["stablelm-lora-peft-compile-budget"]["compile_memory_budget"] == 0.5
+    assert rows["stablelm-lora-peft-compile"]["compile_memory_budget"] is None
     for fmt in ("int8", "int4", "nf4"):
         q = rows[f"stablelm-qlora-{fmt}"]
         assert q["step_vs_bf16_lora"] > 0
@@ -56,7 +60,7 @@ def test_same_weights_same_loss(run):
     # fp32 on the CPU, same LM / Swin / projector weights and inputs: only summation order may differ.
     assert payload["loss_step0_rel_diff"] < 1e-4
     for name in ("stablelm-lora-fused", "stablelm-lora-peft-compile", "stablelm-lora-peft-compile-default",
-                 "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-full",
+                 "stablelm-lora-peft-compile-budget", "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-full",
                  "transformers-lora-ckpt", "transformers-full"):
         assert rows[name]["loss_step0"] == pytest.approx(rows["transformers-lora"]["loss_step0"], rel=1e-4), name
     ours = rows["stablelm-lora-peft"]
@@ -76,7 +80,8 @@ def test_trainable_counts_follow_the_adapter_layouts(run):
     counts = {row["impl"]: row["trainable_params"] for row in payload["rows"]}
     want = {"stablelm-lora-fused": L * fused}
     for name in ("stablelm-lora-peft", "stablelm-lora-peft-compile", "stablelm-lora-peft-compile-default",
-                 "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile", "stablelm-qlora-int8",
+                 "stablelm-lora-peft-compile-budget", "stablelm-lora-peft-ckpt", "stablelm-lora-peft-ckpt-compile",
+                 "stablelm-qlora-int8",
                  "stablelm-qlora-int4", "stablelm-qlora-nf4",
                  "transformers-lora", "transformers-lora-ckpt"):
         want[name] = L * peft

@@ -90,6 +90,10 @@ class TrainConfig:
     compile_backend: str = field(default="inductor", metadata={
         "help": "torch.compile backend of --compile; only inductor takes the CUDA-graph / autotune modes "
                 "(aot_eager, eager: quick CPU checks)"})
+    compile_memory_budget: float | None = field(default=None, metadata={
+        "help": "with --compile: the fraction in (0, 1] of the activations the compiled step would save for the "
+                "backward that it may save; the rest is recomputed in the backward (less memory, some speed). "
+                "Unset: the partitioner's own choice"})
 
     def __post_init__(self):
         def bad(name, why):
@@ -103,7 +107,7 @@ class TrainConfig:
         if self.data_parallel not in distributed.DATA_PARALLEL:
             bad("data_parallel", f"choose one of {distributed.DATA_PARALLEL}")
         try:
-            check_compile(self.compile, self.compile_backend)
+            check_compile(self.compile, self.compile_backend, self.compile_memory_budget)
         except ValueError as e:
             raise ValueError(f"TrainConfig: {e}") from None
         if self.val_limit is not None and self.val_limit < 1:
@@ -471,7 +475,7 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
     torch.manual_seed(config.seed)
     model = build_model(spec, device, spec["precision"])
     if config.compile is not None:
-        model.compile_loss(config.compile, config.compile_backend)
+        model.compile_loss(config.compile, config.compile_backend, config.compile_memory_budget)
     wrapped = distributed.wrap(model, ranks, config.data_parallel)
     sampler = distributed.train_sampler(train_set, ranks, config.seed)
     # The DataLoader's own generator: iterating a DataLoader draws a seed, which must not come from the global
