@@ -3,7 +3,7 @@
 #   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|quant-gemv|train|
 #                                                        train-ckpt-full|train-qlora|tp|prefill|kernels|checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
-# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~5-8 min; train ~6 min;
+# step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~5-8 min; train ~8.5 min;
 # train-ckpt-full 7 min; train-qlora ~3 min; quant ~8 min, estimated from its rows); the benchmarks rewrite their
 # JSON after every row, so a step cut short keeps what it finished.
 set -uo pipefail
@@ -56,7 +56,7 @@ for s in $steps; do
              step python -m bench.decode --quant int4 --quantize-head --quantize-embedding --rows 1x128 --peers none \
                --out "$OUT/decode_int4_head_embed_${TAG}.json" ;;
     train)   step python -m bench.report_train --out "$OUT/report_train_${TAG}.json" \
-               --rows stablelm-lora-peft,stablelm-lora-peft-compile,transformers-lora ;;
+               --rows stablelm-lora-peft,stablelm-lora-peft-compile,stablelm-lora-peft-compile-budget,transformers-lora ;;
     train-ckpt-full)  # gradient checkpointing (eager and compiled) and full fine-tuning, each against transformers
              step python -m bench.report_train --out "$OUT/report_train_ckpt_full_${TAG}.json" \
                --rows stablelm-lora-peft-ckpt,stablelm-lora-peft-ckpt-compile,stablelm-full,transformers-lora-ckpt,transformers-full ;;
