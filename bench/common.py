@@ -13,7 +13,7 @@ import torch
 from stablelm.measure import (copy_bandwidth_gbs, environment, graph_ms, markdown_table, matmul_tflops,
                               read_bandwidth_gbs, time_cuda)
 
-__all__ = ["bench_device", "bench_ms", "copies_for", "copy_bandwidth_gbs", "environment", "graph_ms",
+__all__ = ["bench_device", "bench_ms", "copies_for", "copy_bandwidth_gbs", "environment", "graph_calls_ms", "graph_ms",
            "markdown_table", "matmul_tflops", "read_bandwidth_gbs", "resident_bytes", "time_cuda", "weight_bytes",
            "write_json"]
 
@@ -46,6 +46,22 @@ def bench_ms(call, input_sets, warmup=10, rep=50) -> float:
     from triton.testing import do_bench
     cycle = itertools.cycle(input_sets)
     return do_bench(lambda: call(*next(cycle)), warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_calls_ms(call, input_sets, rep_ms: float = 15.0) -> float:
+    """Median ms per call of call(*inputs) over input_sets (e.g. rotated weight copies that together overflow L2),
+    the calls captured in order in one CUDA graph whose replays are timed (bench_ms): the device time of calls as a
+    decode step's graph runs them, without host launch cost. Runs each call once eagerly first (compilation)."""
+    for inputs in input_sets:
+        call(*inputs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inputs in input_sets:
+            call(*inputs)
+    ms = bench_ms(graph.replay, [()], warmup=3, rep=rep_ms) / len(input_sets)
+    del graph
+    return ms
 
 
 def copies_for(nbytes: int) -> int:

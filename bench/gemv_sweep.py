@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--rep-ms", type=float, default=15.0)
     args = ap.parse_args()
 
-    from bench.common import bench_ms, copy_bandwidth_gbs, environment, markdown_table, write_json
+    from bench.common import copy_bandwidth_gbs, environment, graph_calls_ms, markdown_table, write_json
     from kernels.gemv import gemv
     from kernels.quant import quant_linear_tiled
 
@@ -137,16 +137,7 @@ def main():
     print(f"copy bandwidth {copy_gbs:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
 
     def time_calls(call, sets):
-        for s in sets:
-            call(*s)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for s in sets:
-                call(*s)
-        ms = bench_ms(graph.replay, [()], warmup=3, rep=args.rep_ms) / len(sets)
-        del graph
-        return ms
+        return graph_calls_ms(call, sets, args.rep_ms)
 
     rows, best_rows = [], []
     for name in names:

@@ -19,25 +19,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_ms, copy_bandwidth_gbs, environment, markdown_table, write_json
+from bench.common import copy_bandwidth_gbs, environment, graph_calls_ms, markdown_table, write_json
 from bench.gemv_sweep import SHAPES
 from kernels.quant import quant_linear_tiled, quant_linear_triton, quantize_weight
 
 GROUP = 128
 LAYERS = 32  # StableLM-3B: each projection runs once per layer, the lm_head once per step
-
-
-def _graph_us(call, sets, rep_ms):
-    for s in sets:
-        call(*s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for s in sets:
-            call(*s)
-    ms = bench_ms(graph.replay, [()], warmup=3, rep=rep_ms) / len(sets)
-    del graph
-    return ms * 1e3
 
 
 def variants(N, K):
@@ -82,7 +69,7 @@ def main(argv=None):
                     continue
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 try:
-                    us = _graph_us(call, [(x, *s) for s in sets], args.rep_ms)
+                    us = 1e3 * graph_calls_ms(call, [(x, *s) for s in sets], args.rep_ms)
                 except Exception as e:  # an aten kernel this build lacks: recorded, not fatal
                     rows.append(dict(shape=name, kernel=kernel, M=M, error=f"{type(e).__name__}: {str(e)[:200]}"))
                     continue

@@ -41,9 +41,12 @@ def _inner_k_tiles(K: int) -> int | None:
 
 
 def usable(x: torch.Tensor, N: int, K: int, group_size: int) -> bool:
-    """Whether tinygemm can take this call: CUDA, bfloat16 x, N a multiple of 8, K of 32, a group size it knows."""
+    """Whether tinygemm can take this call: CUDA, bfloat16 x, N a multiple of 8, K of 32, a group size it knows;
+    and not while torch.compile traces (the repack cache is host state a graph cannot hold: a compiled step keeps
+    to the Triton kernels)."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and N % 8 == 0 and _inner_k_tiles(K) is not None
-            and group_size in GROUP_SIZES and hasattr(torch, "_weight_int4pack_mm"))
+            and group_size in GROUP_SIZES and hasattr(torch, "_weight_int4pack_mm")
+            and not torch.compiler.is_compiling())
 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):

@@ -1,5 +1,7 @@
 """kernels/int4pack.py: batch-1 int4 through torch's tinygemm kernel against quant_linear's reference (GPU), and
 when the "triton" quant_linear routes to it (CPU and GPU)."""
+import types
+
 import pytest
 import torch
 
@@ -28,6 +30,18 @@ def test_usable_only_where_tinygemm_takes_the_call():
     assert not int4pack.usable(meta, 96, 256, 128)
     assert int4pack._inner_k_tiles(2560) == 8 and int4pack._inner_k_tiles(96) == 2
     assert int4pack._inner_k_tiles(48) is None
+
+
+def test_usable_checks_shape_dtype_and_tracing(monkeypatch):
+    """The predicate on a stand-in for a CUDA tensor (no GPU here): each condition alone turns tinygemm off."""
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert int4pack.usable(cuda_bf16, 7680, 2560, 128)
+    assert not int4pack.usable(types.SimpleNamespace(is_cuda=True, dtype=torch.float16), 7680, 2560, 128)
+    assert not int4pack.usable(cuda_bf16, 250, 2560, 128)  # N % 8
+    assert not int4pack.usable(cuda_bf16, 7680, 48, 16)  # K % 32, and a group size tinygemm lacks
+    assert not int4pack.usable(cuda_bf16, 7680, 2560, 512)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not int4pack.usable(cuda_bf16, 7680, 2560, 128)
 
 
 def test_cpu_int4_row_stays_on_the_triton_kernels():
