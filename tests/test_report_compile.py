@@ -1,8 +1,10 @@
 """The report model's compiled training step (ReportModel.compile_loss, TrainConfig.compile, `--compile`) on the
 CPU: the LM part of the loss traces as one graph, the compiled loss and the gradients of every trained tensor equal
 eager's (float32, relative 1e-5), a compiled step trains, `python -m vision.train --compile` compiles and trains,
-and bad settings are clear errors. Backends aot_eager (the graphs dynamo and AOT autograd capture, forward and
-backward, without inductor's code generation) and eager keep each test to seconds."""
+and bad settings are clear errors; a memory budget saves fewer activations and keeps the gradients. Backends
+aot_eager (the graphs dynamo and AOT autograd capture, forward and backward, without inductor's code generation)
+and aot_eager_decomp_partition (the same through the min-cut partitioner, which reads the budget) keep each test to
+seconds."""
 import math
 import os
 import subprocess
@@ -171,14 +173,17 @@ def test_a_run_trains_through_the_compile_flags(tmp_path, monkeypatch):
     calls = []
     compile_loss = ReportModel.compile_loss
     monkeypatch.setattr(ReportModel, "compile_loss", lambda self, *a: calls.append(a) or compile_loss(self, *a))
-    # Backend eager: dynamo's graph run as traced, enough for the wiring (aot_eager's equality is checked above).
+    # Backend aot_eager_decomp_partition: AOT autograd's graphs and partitioner (which reads the memory budget)
+    # without code generation, enough for the wiring (the equality to eager is checked above).
     results = train_script.main(list(map(str, [
         "--annotation", data / "annotation.json", "--image-dir", data / "images", "--out", tmp_path / "run",
         "--epochs", "1", "--batch-size", "4", "--max-length", "16", "--lm-mode", "lora", "--num-beams", "1",
         "--min-new-tokens", "0", "--max-new-tokens", "4", "--val-limit", "2", "--device", "cpu", "--compile",
-        "default", "--compile-backend", "eager"])))
-    assert calls == [("default", "eager", None)]
-    assert results["train"]["compile"] == "default" and results["train"]["compile_backend"] == "eager"
+        "default", "--compile-backend", "aot_eager_decomp_partition", "--compile-memory-budget", "0.5"])))
+    assert calls == [("default", "aot_eager_decomp_partition", 0.5)]
+    assert results["train"]["compile"] == "default"
+    assert results["train"]["compile_backend"] == "aot_eager_decomp_partition"
+    assert results["train"]["compile_memory_budget"] == 0.5
     assert math.isfinite(results["epochs"][0]["train_loss"]) and results["epochs"][0]["step"] == 2
     assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
 
