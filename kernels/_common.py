@@ -1,5 +1,6 @@
 """Helpers every kernel file shares: the float dtypes the kernels take, the SM count their launch heuristics use,
-the row addressing of kernels/norm.py and kernels/mlp.py, and the Triton interpreter's setup.
+the row addressing of kernels/norm.py and kernels/mlp.py, programmatic dependent launch, and the Triton
+interpreter's setup.
 
 With TRITON_INTERPRET=1 (read when this module is first imported, which every kernel module does before it defines
 a kernel, as Triton itself decides at @triton.jit time whether a kernel is interpreted) every Triton kernel runs on
@@ -12,6 +13,8 @@ import os
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,6 +60,59 @@ def sm_count(device: torch.device, interpreted: int) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return interpreted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Programmatic dependent launch (PDL, sm_90 and later)
+#
+# A decode step is ~290 small kernels in a row, each a few microseconds, and each used to start only after the one
+# before had drained and flushed: its launch and ramp (the first weight loads' DRAM latency) were idle time on
+# every boundary. A kernel launched with PDL may be scheduled while the kernel before it in the stream still
+# runs. The rule that keeps this safe, in every kernel that takes a `PDL` constexpr:
+#   - before pdl_wait: only reads of tensors no kernel writes (parameters: weights, norm scales), nothing else;
+#   - pdl_wait in every program, before any other read or any write (it returns once the previous kernel has
+#     completed and its writes are visible; that kernel waited for its own predecessor, so all earlier ones are
+#     done too);
+#   - pdl_launch_dependents early: the next kernel's programs may start their own parameter reads.
+# Without the launch attribute both instructions are no-ops, and with PDL=False they are not emitted at all.
+
+_PDL = {"on": os.environ.get("STABLELM_PDL", "1") != "0"}
+
+
+def set_pdl(on: bool | None) -> None:
+    """Turn programmatic dependent launch on or off for later launches (None: the default, on unless the
+    environment variable STABLELM_PDL=0 was set at import)."""
+    _PDL["on"] = os.environ.get("STABLELM_PDL", "1") != "0" if on is None else bool(on)
+
+
+def pdl_on() -> bool:
+    """Whether the PDL switch is on (launches also need a device that supports it: use_pdl)."""
+    return _PDL["on"]
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether a kernel launched now on `device` goes with PDL: the switch is on and the device is a Hopper or
+    newer GPU (never in the interpreter)."""
+    return _PDL["on"] and _pdl_capable(device)
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the previous kernel in the stream to complete (see the rule above)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream start once every program of this one has passed here."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, cdiv, next_power_of_2, sm_count
+from kernels._common import FLOAT_DTYPES, cdiv, next_power_of_2, pdl_launch_dependents, pdl_wait, sm_count, use_pdl
 
 
 def decode_attention_ref(q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
@@ -134,7 +134,7 @@ def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART, COUNTER,
                          G: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          HAS_START: tl.constexpr, IEEE_DOT: tl.constexpr, FUSED: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, Hkv, NUM_SPLITS). Attends the G query heads of kv head `hk` to keys [split*chunk, +chunk).
 
     With NUM_SPLITS == 1 it writes the normalised output; otherwise PART[b, h, split, :] gets the unnormalised
@@ -142,7 +142,10 @@ def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART, COUNTER,
     HEAD_DIM + 1 (max -inf, sum 0, acc 0 for a chunk with no valid key). FUSED: only chunks with keys to visit
     (lo < hi: a contiguous run of splits) write partials, and the last of them to arrive at COUNTER[b, hk]
     combines them into OUT (see the module docstring); with no such chunk, split 0 writes zeros.
+    PDL: kernels/_common.py.
     """
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -243,8 +246,10 @@ def _decode_split_kernel(Q, K, V, KV_LEN, KV_START, OUT, PART, COUNTER,
 @triton.jit
 def _decode_combine_kernel(PART, OUT, o_sb, o_sh, o_sd, HQ,
                            HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Grid (B * Hq,): softmax-weighted sum of the per-split partials of one (batch, query head)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
     h = (pid % HQ).to(tl.int64)
@@ -357,18 +362,19 @@ def decode_attention_triton(q, k_cache, v_cache, kv_len, kv_start=None, scale=No
     part = out if splits == 1 else torch.empty((B, Hq, splits, D + 2), dtype=torch.float32, device=q.device)
     fused = fused and splits > 1
     counter = _counters(q.device, B * Hkv) if fused else kv_len
+    pdl = use_pdl(q.device)
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, out, part, counter,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         T, chunk, scale * _LOG2E,
         G=G, HEAD_DIM=D, NUM_SPLITS=splits, HAS_START=kv_start is not None, IEEE_DOT=q.dtype == torch.float32,
         FUSED=fused, BLOCK_G=max(16, next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_S=next_power_of_2(splits), num_warps=4, num_stages=2)
+        BLOCK_S=next_power_of_2(splits), num_warps=4, num_stages=2, PDL=pdl, launch_pdl=pdl)
     if splits > 1 and not fused:
         _decode_combine_kernel[(B * Hq,)](
             part, out, *out.stride(), Hq,
             HEAD_DIM=D, NUM_SPLITS=splits, BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d,
-            num_warps=4)
+            num_warps=4, PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, layout_error, row_layout
+from kernels._common import FLOAT_DTYPES, layout_error, pdl_launch_dependents, pdl_wait, row_layout, use_pdl
 
 
 def swiglu_ref(gate, up):
@@ -72,8 +72,10 @@ def _tile(n_rows, H, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _swiglu_fwd_kernel(G, U, O, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, n_rows, H, n_cols,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid (cdiv(rows, BLOCK_R), cdiv(cols, BLOCK_C)); O is contiguous [rows, cols]."""
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """Grid (cdiv(rows, BLOCK_R), cdiv(cols, BLOCK_C)); O is contiguous [rows, cols]. PDL: kernels/_common.py."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     m, h, rows, cols, mask = _tile(n_rows, H, n_cols, BLOCK_R, BLOCK_C)
     g = tl.load(G + (m * g_sm + h * g_sh)[:, None] + cols[None, :] * g_sn, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + (m * u_sm + h * u_sh)[:, None] + cols[None, :] * u_sn, mask=mask, other=0.0).to(tl.float32)
@@ -145,8 +147,9 @@ def _swiglu_forward(gate, up):
     if n_rows * n_cols == 0:
         return out
     grid, block_r, block_c, num_warps = _grid(n_rows, n_cols)
+    pdl = use_pdl(gate.device)
     _swiglu_fwd_kernel[grid](gate, up, out, g_sm, g_sh, g_sn, u_sm, u_sh, u_sn, n_rows, H, n_cols,
-                             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+                             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, PDL=pdl, launch_pdl=pdl)
     return out
 
 

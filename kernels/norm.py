@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES, layout_error, row_layout, sm_count
+from kernels._common import (FLOAT_DTYPES, layout_error, pdl_launch_dependents, pdl_wait, row_layout, sm_count,
+                             use_pdl)
 
 MAX_N = 16384  # one row must fit in registers (BLOCK_N = next_pow2(N))
 _TILE = 4096  # elements per program: rows are batched until a tile holds about this many
@@ -134,14 +135,20 @@ def _layer_norm_fwd_kernel(X, RES, W, BIAS, Y, S,
                            x_sm, x_sh, x_sn, r_sm, r_sh, r_sn,
                            n_lin, H, eps,
                            N: tl.constexpr, PER_HEAD: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(n_lin, BLOCK_R), weight rows). Y and S are contiguous [M * H, N]."""
+                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Grid (cdiv(n_lin, BLOCK_R), weight rows). Y and S are contiguous [M * H, N]. PDL: kernels/_common.py."""
+    pdl_launch_dependents(PDL)
     j = tl.program_id(1)
     lin = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m, h, row = _tile_rows(lin, j, H, PER_HEAD)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     mask = (lin < n_lin)[:, None] & col_ok[None, :]
+    w_row = j * N if PER_HEAD else 0
+    w = tl.load(W + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)  # parameters: before the wait
+    if HAS_BIAS:
+        bias = tl.load(BIAS + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pdl_wait(PDL)
     s = tl.load(X + (m * x_sm + h * x_sh)[:, None] + cols[None, :] * x_sn, mask=mask, other=0.0).to(tl.float32)
     out = row[:, None] * N + cols[None, :]
     if HAS_RES:
@@ -151,11 +158,9 @@ def _layer_norm_fwd_kernel(X, RES, W, BIAS, Y, S,
         tl.store(S + out, s, mask=mask)
         s = s.to(tl.float32)
     centred, rstd = _row_stats(s, mask, N, eps)
-    w_row = j * N if PER_HEAD else 0
-    w = tl.load(W + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = centred * rstd[:, None] * w[None, :]
     if HAS_BIAS:
-        y += tl.load(BIAS + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y += bias[None, :]
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -280,12 +285,13 @@ def _layer_norm_forward(x, weight, bias, eps, residual):
     n = x.shape[-1]
     block_r, block_n, num_warps = _tile(n_lin, n)
     (x_sm, x_sh, x_sn), (r_sm, r_sh, r_sn) = strides[0], strides[-1]
+    pdl = use_pdl(x.device)
     _layer_norm_fwd_kernel[(triton.cdiv(n_lin, block_r), H if per_head else 1)](
         x, x if residual is None else residual, weight, x if bias is None else bias, y, x if s is None else s,
         x_sm, x_sh, x_sn, r_sm, r_sh, r_sn,
         n_lin, H, eps,
         N=n, PER_HEAD=per_head, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps, PDL=pdl, launch_pdl=pdl)
     return y, s
 
 

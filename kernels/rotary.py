@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import FLOAT_DTYPES
+from kernels._common import FLOAT_DTYPES, pdl_launch_dependents, pdl_wait, use_pdl
 
 
 def rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -198,8 +198,11 @@ def _rotary_cache_kernel(Q, K, V, KC, VC, COS, SIN, WRITE_POS,
                          c_sb, c_ss, c_sd, s_sb, s_ss, s_sd,
                          S, T, HQ, HKV,
                          HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B*S, 3): axis 1 picks q rotated in place (0), k rotated into k_cache (1), v copied into v_cache (2)."""
+                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B*S, 3): axis 1 picks q rotated in place (0), k rotated into k_cache (1), v copied into v_cache (2).
+    PDL: kernels/_common.py."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     tok = tl.program_id(0)
     which = tl.program_id(1)
     b = (tok // S).to(tl.int64)
@@ -328,11 +331,13 @@ def rotary_cache_triton(q, k, v, cos, sin, k_cache, v_cache, write_pos):
     half = cos.shape[2]
     block_r = triton.next_power_of_2(2 * half)
     block_d = triton.next_power_of_2(D)
+    pdl = use_pdl(q.device)
     _rotary_cache_kernel[(B * S, 3)](
         q, k, v, k_cache, v_cache, cos, sin, write_pos,
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *cos.stride(), *sin.stride(),
         S, k_cache.shape[2], q.shape[2], Hkv,
-        HALF=half, HEAD_DIM=D, BLOCK_H=_block_h(max(q.shape[2], Hkv), block_d), BLOCK_R=block_r, BLOCK_D=block_d)
+        HALF=half, HEAD_DIM=D, BLOCK_H=_block_h(max(q.shape[2], Hkv), block_d), BLOCK_R=block_r, BLOCK_D=block_d,
+        PDL=pdl, launch_pdl=pdl)
     return q
 
 

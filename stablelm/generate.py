@@ -367,8 +367,9 @@ class _Bucket:
 # ---------------------------------------------------------------- the session
 def ops_key(device_type: str) -> tuple:
     """The implementation chosen for every op on this device (name and function: a re-registered name counts
-    as a change)."""
-    return tuple((op, ops.current(op, device_type), ops.get(op, device_type)) for op in sorted(ops.CUDA_PREFERENCE))
+    as a change), and whether kernels launch with PDL (a recording keeps the launch attribute)."""
+    return tuple((op, ops.current(op, device_type), ops.get(op, device_type))
+                 for op in sorted(ops.CUDA_PREFERENCE)) + (("pdl", ops.pdl()),)
 
 
 def _weights_key(model) -> tuple:

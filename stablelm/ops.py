@@ -21,6 +21,12 @@ module that holds the op's reference):
     ops.use(attention="torch", rotary="triton")     # pick per op (None goes back to the default)
     ops.register("attention", "mine", my_fn)        # add an implementation with the same signature
     with ops.using(attention="sdpa"): ...           # scoped choice
+    ops.use(pdl=False)                              # launch without programmatic dependent launch
+
+pdl (on by default; the environment variable STABLELM_PDL=0 turns the default off) is how the "triton" kernels of
+a decode step are launched, not an implementation: on Hopper and later GPUs each may start while the kernel
+before it still runs, and waits on the device for that kernel's output (kernels/_common.py has the rule every
+such kernel keeps). Results are the same bits either way.
 
 Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch". A "triton" implementation
 picked for CPU tensors runs in Triton's interpreter when TRITON_INTERPRET=1 was set before the kernels were
@@ -38,7 +44,7 @@ import kernels.nf4
 import kernels.norm
 import kernels.quant
 import kernels.rotary
-from kernels._common import INTERPRET
+from kernels._common import INTERPRET, pdl_on, set_pdl
 
 _KERNEL_MODULES = (kernels.rotary, kernels.attention, kernels.decode, kernels.norm, kernels.mlp, kernels.quant,
                    kernels.nf4, kernels.loss, kernels.gemv)
@@ -75,24 +81,39 @@ def available(op: str) -> list[str]:
 
 
 def use(**choices) -> None:
-    """Pick an implementation per op, e.g. use(attention="sdpa"); None restores the device default."""
+    """Pick an implementation per op, e.g. use(attention="sdpa"); None restores the device default. `pdl`
+    (True / False / None for the default) switches programmatic dependent launch (module docstring)."""
+    choices = dict(choices)
+    switch_pdl = "pdl" in choices
+    pdl_choice = choices.pop("pdl", None)
+    if pdl_choice is not None and not isinstance(pdl_choice, bool):
+        raise TypeError(f"use(pdl=...) takes True, False or None, got {pdl_choice!r}")
     for op, name in choices.items():
         if op not in CUDA_PREFERENCE:
             raise KeyError(f"unknown op {op!r}; ops are {sorted(CUDA_PREFERENCE)}")
         if name is not None and name not in _registry.get(op, {}):
             raise KeyError(f"op {op!r} has no implementation {name!r}; available: {available(op)}")
-        _chosen[op] = name
+    _chosen.update(choices)
+    if switch_pdl:
+        set_pdl(pdl_choice)
+
+
+def pdl() -> bool:
+    """Whether kernels launch with programmatic dependent launch where the GPU has it (ops.use(pdl=...))."""
+    return pdl_on()
 
 
 @contextlib.contextmanager
 def using(**choices):
     """Context-manager form of use(); restores the previous choices on exit."""
-    before = {op: _chosen.get(op) for op in choices}
+    before = {op: _chosen.get(op) for op in choices if op != "pdl"}
+    pdl_before = pdl_on()
     use(**choices)
     try:
         yield
     finally:
         _chosen.update(before)
+        set_pdl(pdl_before)
 
 
 def current(op: str, device_type: str) -> str:
