@@ -66,15 +66,15 @@ def sm_count(device: torch.device, interpreted: int) -> int:
 # Programmatic dependent launch (PDL, sm_90 and later)
 #
 # A decode step is ~290 small kernels in a row, each a few microseconds, and each used to start only after the one
-# before had drained and flushed: its launch and ramp (the first weight loads' DRAM latency) were idle time on
-# every boundary. A kernel launched with PDL may be scheduled while the kernel before it in the stream still
-# runs. The rule that keeps this safe, in every kernel that takes a `PDL` constexpr:
-#   - before pdl_wait: only reads of tensors no kernel writes (parameters: weights, norm scales), nothing else;
-#   - pdl_wait in every program, before any other read or any write (it returns once the previous kernel has
-#     completed and its writes are visible; that kernel waited for its own predecessor, so all earlier ones are
-#     done too);
-#   - pdl_launch_dependents early: the next kernel's programs may start their own parameter reads.
-# Without the launch attribute both instructions are no-ops, and with PDL=False they are not emitted at all.
+# before had drained and flushed: its launch and ramp (the first weight loads' DRAM latency) were idle time at
+# every boundary. A kernel launched with PDL may be scheduled while the kernel before it in the stream still runs.
+# The rule that keeps this safe, in every kernel that takes a `PDL` constexpr:
+#   - before pdl_wait: no load and no store, only prefetch_l2 (kernels/gemv.py prefetches its weights). A prefetch
+#     returns no data and L2 is where every write lands, so a later load still reads the current bytes;
+#   - pdl_wait in every program, before any load or store (it returns once the previous kernel has completed and
+#     its writes are visible; that kernel waited for its own predecessor, so all earlier ones are done too);
+#   - pdl_launch_dependents early: the next kernel's programs may start and issue their own prefetches.
+# Without the launch attribute both instructions are no-ops; with PDL=False they are not emitted at all.
 
 _PDL = {"on": os.environ.get("STABLELM_PDL", "1") != "0"}
 
@@ -113,6 +113,13 @@ def pdl_launch_dependents(PDL: tl.constexpr):
     """Let the next kernel in the stream start once every program of this one has passed here."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines holding `ptrs` (a tensor of addresses; CUDA only, nothing comes back)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

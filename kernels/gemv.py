@@ -40,9 +40,11 @@ import triton.language as tl
 
 from kernels import contract as _c
 from kernels._common import (FLOAT_DTYPES, INTERPRET, cdiv, next_power_of_2, pdl_launch_dependents, pdl_wait,
-                             sm_count, use_pdl)
+                             prefetch_l2, sm_count, use_pdl)
 
 MAX_UNROLL = 16  # K tiles per program unrolled in the CUDA-core kernel (more: a loop)
+# K tiles per program whose weights a PDL launch prefetches into L2 before waiting for the previous kernel.
+PREFETCH_TILES = 16
 MAX_M = 64  # above this the matmul is no longer bound by the weight read: F.linear / the tiled quant matmul
 
 # Exponent-trick constants (see the module docstring).
@@ -59,30 +61,21 @@ def linear_ref(x, weight, bias=None):
 # Triton kernels
 
 @triton.jit
-def _fma_weights(w_rows, k0, KL, BITS: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This K tile of the program's weight rows as stored: [BLOCK_N, BLOCK_K] elements, or for bits 4
-    [BLOCK_N, BLOCK_K // 8] int32 words. MASKED: load units (elements; int4: words) at or past KL read 0."""
-    if BITS == 4:
-        offs = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    else:
-        offs = k0 + tl.arange(0, BLOCK_K)
-    if MASKED:
-        return tl.load(w_rows + offs[None, :], mask=(offs < KL)[None, :], other=0)
-    return tl.load(w_rows + offs[None, :])
-
-
-@triton.jit
-def _fma_tile(acc, w, X, S, Z, x_row, rows, k0, K, KL, ssn, ssg,
+def _fma_tile(acc, X, W, S, Z, x_row, w_rows, rows, k0, K, KL, ssn, ssg,
               BITS: tl.constexpr, GROUP: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + the products of K tile k0 (w: its weights, from _fma_weights). bits 16 / 8: acc [BLOCK_N, BLOCK_K]
-    += x * w (int8: x * code, the per-row scale comes at the end); bits 4: acc [BLOCK_N, BLOCK_K // 8] (one column
-    per int32 word of 8 codes) += scale * sum_j x_j * code_j + zero * sum_j x_j, with one scale / zero per row
-    (BLOCK_K divides GROUP). MASKED: load units at or past KL contribute 0."""
+    """acc + this K tile's products. bits 16 / 8: acc [BLOCK_N, BLOCK_K] += x * w (int8: x * code, the per-row
+    scale comes at the end); bits 4: acc [BLOCK_N, BLOCK_K // 8] (one column per int32 word of 8 codes)
+    += scale * sum_j x_j * code_j + zero * sum_j x_j, with one scale / zero per row (BLOCK_K divides GROUP).
+    MASKED: load units (elements; int4: words) at or past KL contribute 0."""
     if BITS == 4:
         WORDS: tl.constexpr = BLOCK_K // 8
         offs_w = k0 // 8 + tl.arange(0, WORDS)
+        if MASKED:
+            words = tl.load(w_rows + offs_w[None, :], mask=(offs_w < KL)[None, :], other=0)
+        else:
+            words = tl.load(w_rows + offs_w[None, :])
         x_base = x_row + offs_w * 8
-        part = tl.zeros(w.shape, dtype=tl.float32)
+        part = tl.zeros(words.shape, dtype=tl.float32)
         x_sum = tl.zeros((WORDS,), dtype=tl.float32)
         for j in tl.static_range(8):
             if MASKED:
@@ -90,9 +83,9 @@ def _fma_tile(acc, w, X, S, Z, x_row, rows, k0, K, KL, ssn, ssg,
             else:
                 x_j = tl.load(x_base + j).to(tl.float32)
             if j == 0:
-                nib = w & 15
+                nib = words & 15
             else:
-                nib = (w >> (4 * j)) & 15
+                nib = (words >> (4 * j)) & 15
             code = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             part += code * x_j[None, :]
             x_sum += x_j
@@ -103,9 +96,12 @@ def _fma_tile(acc, w, X, S, Z, x_row, rows, k0, K, KL, ssn, ssg,
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if MASKED:
-            x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
+            k_ok = offs_k < K
+            x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0)
         else:
             x = tl.load(x_row + offs_k)
+            w = tl.load(w_rows + offs_k[None, :])
         if BITS == 8:
             w = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -116,15 +112,17 @@ def _fma_tile(acc, w, X, S, Z, x_row, rows, k0, K, KL, ssn, ssg,
 def _gemv_fma_kernel(X, W, S, Z, BIAS, OUT, N, K, KL, sxm, swn, ssn, ssg, som, sos,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
-                     UNROLL: tl.constexpr, PDL: tl.constexpr):
+                     UNROLL: tl.constexpr, PDL: tl.constexpr, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N), M, splits). OUT [M, N] (PARTIAL: float32 [splits, M, N], bias left out).
 
     Split s covers K tiles [s * TILES, (s + 1) * TILES); UNROLL unrolls them so all of a program's weight loads can
     be in flight at once (a decode GEMV is a few microseconds: one load round trip per loop trip shows). EVEN:
     every tile lies inside K, so no masks. KL: K in load units (elements; int4: int32 words, K // 8). Rows past N
-    are clamped to row N - 1 so weight loads are unmasked along N; they are not stored. PDL: the first tile's
-    weights are requested before waiting for the previous kernel (x is its output), so their DRAM latency overlaps
-    that kernel's tail instead of following it.
+    are clamped to row N - 1 so weight loads are unmasked along N; they are not stored.
+
+    PDL (kernels/_common.py): before waiting for the previous kernel (x is its output) the program asks L2 for its
+    first weights, PF_LINES lines of PF_STEP load units per row, so their DRAM latency overlaps that kernel's tail
+    instead of following it.
     """
     pdl_launch_dependents(PDL)
     pid_n = tl.program_id(0)
@@ -136,23 +134,23 @@ def _gemv_fma_kernel(X, W, S, Z, BIAS, OUT, N, K, KL, sxm, swn, ssn, ssg, som, s
     x_row = X + pid_m * sxm
     w_rows = W + rows[:, None] * swn
     k_begin = pid_k * (TILES * BLOCK_K)
-    w = _fma_weights(w_rows, k_begin, KL, BITS, not EVEN, BLOCK_K)
+    if PDL and PF_LINES > 0:
+        unit0 = k_begin // 8 if BITS == 4 else k_begin
+        lines = tl.minimum(unit0 + tl.arange(0, PF_LINES) * PF_STEP, KL - 1)
+        prefetch_l2(w_rows + lines[None, :])
     pdl_wait(PDL)
     if BITS == 4:
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc = _fma_tile(acc, w, X, S, Z, x_row, rows, k_begin, K, KL, ssn, ssg, BITS, GROUP, not EVEN, BLOCK_K)
     if UNROLL:
-        for t in tl.static_range(1, TILES):
-            k0 = k_begin + t * BLOCK_K
-            w = _fma_weights(w_rows, k0, KL, BITS, not EVEN, BLOCK_K)
-            acc = _fma_tile(acc, w, X, S, Z, x_row, rows, k0, K, KL, ssn, ssg, BITS, GROUP, not EVEN, BLOCK_K)
+        for t in tl.static_range(TILES):
+            acc = _fma_tile(acc, X, W, S, Z, x_row, w_rows, rows, k_begin + t * BLOCK_K, K, KL, ssn, ssg,
+                            BITS, GROUP, not EVEN, BLOCK_K)
     else:
-        for t in range(1, TILES):
-            k0 = k_begin + t * BLOCK_K
-            w = _fma_weights(w_rows, k0, KL, BITS, not EVEN, BLOCK_K)
-            acc = _fma_tile(acc, w, X, S, Z, x_row, rows, k0, K, KL, ssn, ssg, BITS, GROUP, not EVEN, BLOCK_K)
+        for t in range(TILES):
+            acc = _fma_tile(acc, X, W, S, Z, x_row, w_rows, rows, k_begin + t * BLOCK_K, K, KL, ssn, ssg,
+                            BITS, GROUP, not EVEN, BLOCK_K)
     out = tl.sum(acc, axis=1)
     if BITS == 8:
         out *= tl.load(S + rows * ssn).to(tl.float32)
@@ -422,9 +420,14 @@ def gemv(x2, weight, scales=None, zeros=None, bias=None, bits: int = 16, group_s
     if config.block_m == 1:
         tiles_per_split = k_split // bk
         grid = (cdiv(N, config.block_n), M, n_splits)
+        # L2 lines of 128 bytes: PF_STEP load units each (int4: int32 words of 8 codes), over the first tiles.
+        pf_step = 128 // weight.element_size()
+        pf_units = min(tiles_per_split, PREFETCH_TILES) * (bk // 8 if bits == 4 else bk)
+        pf_lines = next_power_of_2(cdiv(pf_units, pf_step)) if pdl and pf_units else 0
         _gemv_fma_kernel[grid](*args, N, K, K // 8 if bits == 4 else K, x2.stride(0), weight.stride(0), ssn, ssg,
                                N, sos, TILES=tiles_per_split, EVEN=K % (k_split) == 0,
-                               UNROLL=tiles_per_split <= MAX_UNROLL, PDL=pdl, launch_pdl=pdl, **common)
+                               UNROLL=tiles_per_split <= MAX_UNROLL, PDL=pdl, PF_LINES=pf_lines, PF_STEP=pf_step,
+                               launch_pdl=pdl, **common)
     else:
         magic = {torch.bfloat16: 1, torch.float16: 2}.get(x2.dtype, 0) if bits == 4 else 0
         grid = (cdiv(N, config.block_n), cdiv(M, config.block_m), n_splits)

@@ -144,10 +144,6 @@ def _layer_norm_fwd_kernel(X, RES, W, BIAS, Y, S,
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     mask = (lin < n_lin)[:, None] & col_ok[None, :]
-    w_row = j * N if PER_HEAD else 0
-    w = tl.load(W + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)  # parameters: before the wait
-    if HAS_BIAS:
-        bias = tl.load(BIAS + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)
     pdl_wait(PDL)
     s = tl.load(X + (m * x_sm + h * x_sh)[:, None] + cols[None, :] * x_sn, mask=mask, other=0.0).to(tl.float32)
     out = row[:, None] * N + cols[None, :]
@@ -158,9 +154,11 @@ def _layer_norm_fwd_kernel(X, RES, W, BIAS, Y, S,
         tl.store(S + out, s, mask=mask)
         s = s.to(tl.float32)
     centred, rstd = _row_stats(s, mask, N, eps)
+    w_row = j * N if PER_HEAD else 0
+    w = tl.load(W + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = centred * rstd[:, None] * w[None, :]
     if HAS_BIAS:
-        y += bias[None, :]
+        y += tl.load(BIAS + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
 
 

@@ -115,6 +115,28 @@ def test_quant_gemv_peers_says_it_needs_a_gpu():
     assert result.returncode == 2 and "error: needs a GPU" in result.stderr
 
 
+def test_pdl_sweep_says_it_needs_a_gpu():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "bench.pdl_sweep"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2 and "error: needs a GPU" in result.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_sweep_from_the_command_line(tmp_path):
+    """bench.pdl_sweep in a subprocess: the step with PDL off and on, one prefetch setting, its speedup column."""
+    import subprocess
+    import sys
+    out = tmp_path / "p.json"
+    result = subprocess.run([sys.executable, "-m", "bench.pdl_sweep", "--formats", "bf16", "--prefetch", "16",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pdl"], r["prefetch_tiles"]) for r in rows] == [("off", None), ("on", 16)]
+    assert rows[0]["speedup_vs_off"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+
+
 @pytest.mark.gpu
 def test_gpu_quant_gemv_peers_from_the_command_line(tmp_path):
     """bench.quant_gemv_peers in a subprocess at one row: every kernel timed at every 3B shape, step totals."""
