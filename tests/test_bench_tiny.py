@@ -107,32 +107,30 @@ def test_gpu_profile_decode_from_the_command_line(tmp_path, peer):
     assert payload.get("peer") == peer
 
 
-def test_quant_gemv_peers_says_it_needs_a_gpu():
+@pytest.mark.parametrize("cmd", [["bench.quant_gemv_peers", "--ms", "1"], ["bench.pdl_sweep"]])
+def test_gpu_only_benchmarks_say_they_need_a_gpu(cmd):
     import subprocess
     import sys
-    result = subprocess.run([sys.executable, "-m", "bench.quant_gemv_peers", "--ms", "1"], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 2 and "error: needs a GPU" in result.stderr
-
-
-def test_pdl_sweep_says_it_needs_a_gpu():
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "-m", "bench.pdl_sweep"], capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 2 and "error: needs a GPU" in result.stderr
+
+
+def _bench_in_subprocess(tmp_path, module, *args):
+    """Run `python -m module *args --out FILE` (a GPU benchmark) and return the JSON it wrote."""
+    import subprocess
+    import sys
+    out = tmp_path / "out.json"
+    result = subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(out.read_text())
 
 
 @pytest.mark.gpu
 def test_gpu_pdl_sweep_from_the_command_line(tmp_path):
     """bench.pdl_sweep in a subprocess: the step with PDL off and on, one prefetch setting, its speedup column."""
-    import subprocess
-    import sys
-    out = tmp_path / "p.json"
-    result = subprocess.run([sys.executable, "-m", "bench.pdl_sweep", "--formats", "bf16", "--prefetch", "16",
-                             "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = _bench_in_subprocess(tmp_path, "bench.pdl_sweep", "--formats", "bf16", "--prefetch", "16")["rows"]
     assert [(r["pdl"], r["prefetch_tiles"]) for r in rows] == [("off", None), ("on", 16)]
     assert rows[0]["speedup_vs_off"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
 
@@ -140,12 +138,6 @@ def test_gpu_pdl_sweep_from_the_command_line(tmp_path):
 @pytest.mark.gpu
 def test_gpu_quant_gemv_peers_from_the_command_line(tmp_path):
     """bench.quant_gemv_peers in a subprocess at one row: every kernel timed at every 3B shape, step totals."""
-    import subprocess
-    import sys
-    out = tmp_path / "q.json"
-    result = subprocess.run([sys.executable, "-m", "bench.quant_gemv_peers", "--ms", "1", "--rep-ms", "2",
-                             "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    payload = json.loads(out.read_text())
+    payload = _bench_in_subprocess(tmp_path, "bench.quant_gemv_peers", "--ms", "1", "--rep-ms", "2")
     timed = {(r["shape"], r["kernel"]) for r in payload["rows"] if "us" in r}
     assert len(timed) == 5 * 8 and {t["kernel"] for t in payload["step_totals"]} >= {"int4-stablelm", "bf16-cublas"}
