@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
-#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|decode|decode-batch|quant|quant-gemv|train|
+#   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|pdl|decode|decode-batch|quant|quant-gemv|train|
 #                                                        train-ckpt-full|train-qlora|tp|prefill|kernels|checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
 # step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~5-8 min; train ~8.5 min;
@@ -13,7 +13,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench/results}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
-steps=${*:-tests decode decode-batch quant quant-gemv train train-ckpt-full train-qlora tp prefill checkop kernels}
+steps=${*:-tests pdl decode decode-batch quant quant-gemv train train-ckpt-full train-qlora tp prefill checkop kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
@@ -43,13 +43,16 @@ for s in $steps; do
                  -p no:cacheprovider -rf $par -W ignore 2>&1 | tee "$OUT/gpu_tests_grid.log" \
                  | grep -E "FAILED|ERROR|passed|failed"
              fi ;;
+    pdl)     # the recorded step with programmatic dependent launch off / on, per GEMV prefetch depth (~3 min)
+             step python -m bench.pdl_sweep --rows 1x128,8x512 --formats bf16,int8,int4 --prefetch 0,1,2,16 \
+               --out "$OUT/pdl_sweep_${TAG}.json" ;;
     decode)  step python -m bench.decode --rows 1x128 --out "$OUT/decode_${TAG}.json" ;;
     decode-batch)  # transformers' static-cache compile recompiles per shape: the slowest peer, run last
              step python -m bench.decode --rows 8x512,32x512 --iters 2 --out "$OUT/decode_batch_${TAG}.json" ;;
     quant)   # the bf16 row again (the quantized rows' ratio in the same run), then each format against the recipe peer
              step python -m bench.decode --rows 1x128,8x512 --peers none --out "$OUT/decode_bf16_${TAG}.json"
              for q in int8 int4; do
-               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers stablelm-torch-compile \
+               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers stablelm-pdl,stablelm-torch-compile \
                  --out "$OUT/decode_${q}_${TAG}.json"
              done
              # the size target's layout: int4 with the lm_head and the embedding table quantized too

@@ -472,8 +472,9 @@ def gemv_pays(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
     return dtype == torch.bfloat16 and (16, 1, N, K) in TUNED
 
 
-# Launch keys (shape, dtype, device, bias, and what Triton specialises the compiled kernel on: pointer alignment,
-# x's row stride) whose kernel has run once in this process, i.e. whose module is loaded on the device.
+# Launch keys (shape, dtype, device, bias, what Triton specialises the compiled kernel on: pointer alignment, x's
+# row stride, and the PDL launch with its prefetch depth, which are constexprs) whose kernel has run once in this
+# process, i.e. whose module is loaded on the device.
 _READY: set = set()
 
 
@@ -481,7 +482,7 @@ def _launch_key(x2, weight, bias) -> tuple:
     sxm = x2.stride(0)
     return (weight.shape[0], x2.shape[1], x2.dtype, x2.device, bias is not None, x2.data_ptr() % 16 == 0,
             sxm % 16 == 0, sxm == 1, weight.stride(0), weight.data_ptr() % 16 == 0,
-            bias is None or bias.data_ptr() % 16 == 0)
+            bias is None or bias.data_ptr() % 16 == 0, use_pdl(x2.device), PREFETCH_TILES)
 
 
 def linear_triton(x, weight, bias=None):

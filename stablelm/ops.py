@@ -21,12 +21,12 @@ module that holds the op's reference):
     ops.use(attention="torch", rotary="triton")     # pick per op (None goes back to the default)
     ops.register("attention", "mine", my_fn)        # add an implementation with the same signature
     with ops.using(attention="sdpa"): ...           # scoped choice
-    ops.use(pdl=False)                              # launch without programmatic dependent launch
+    ops.use(pdl=True)                               # launch with programmatic dependent launch
 
-pdl (on by default; the environment variable STABLELM_PDL=0 turns the default off) is how the "triton" kernels of
-a decode step are launched, not an implementation: on Hopper and later GPUs each may start while the kernel
-before it still runs, and waits on the device for that kernel's output (kernels/_common.py has the rule every
-such kernel keeps). Results are the same bits either way.
+pdl (off by default until measured on a GPU; STABLELM_PDL=1 in the environment turns the default on) is how the
+"triton" kernels of a decode step are launched, not an implementation: on Hopper and later GPUs each may start
+while the kernel before it still runs, and waits on the device for that kernel's output (kernels/_common.py has the
+rule every such kernel keeps). Results are the same bits either way.
 
 Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch". A "triton" implementation
 picked for CPU tensors runs in Triton's interpreter when TRITON_INTERPRET=1 was set before the kernels were

@@ -1,7 +1,15 @@
 """Programmatic dependent launch (kernels/_common.py): the switch (ops.use(pdl=...)), the decode session recording
-again when it changes, and on the GPU the same bits with and without it, in CUDA graphs replayed many times (a
-kernel reading before its wait would race with the kernel before it and change them)."""
+again when it changes, the kernels' sm_90 machine code (built here with Triton's own ptxas, no GPU needed: the wait
+comes before every global load or store, only L2 prefetches before it), and on the GPU the same bits with and without
+PDL, in CUDA graphs replayed many times (a kernel reading before its wait would race with the kernel before it).
+
+Run as a script (`python tests/test_pdl.py`, without TRITON_INTERPRET) it prints that machine-code summary as JSON.
+"""
+import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,8 +36,8 @@ def test_pdl_switch_through_ops():
     with ops.using(pdl=True, layer_norm="torch"):
         assert ops.pdl() and ops.current("layer_norm", "cuda") == "torch"
     assert not ops.pdl() and ops.current("layer_norm", "cuda") != "torch"
-    ops.use(pdl=None)  # the default: on unless STABLELM_PDL=0
-    assert ops.pdl() == (os.environ.get("STABLELM_PDL", "1") != "0")
+    ops.use(pdl=None)  # the default: off unless STABLELM_PDL=1
+    assert ops.pdl() == (os.environ.get("STABLELM_PDL") == "1")
     with pytest.raises(TypeError, match="pdl"):
         ops.use(pdl="yes")
     with pytest.raises(KeyError, match="no implementation"):  # nothing applied from a call that fails
@@ -42,12 +50,114 @@ def test_pdl_never_on_the_cpu():
     assert not use_pdl(torch.device("cpu"))
 
 
+def test_gemv_launch_key_covers_pdl_and_prefetch(monkeypatch):
+    """linear_triton runs a key's kernel eagerly once so that a later CUDA-graph capture finds its module loaded: a
+    PDL switch or another prefetch depth compiles another variant, so it must be another key."""
+    import kernels.gemv as G
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    plain = G._launch_key(x, w, None)
+    monkeypatch.setattr(G, "use_pdl", lambda device: True)
+    with_pdl = G._launch_key(x, w, None)
+    monkeypatch.setattr(G, "PREFETCH_TILES", G.PREFETCH_TILES + 1)
+    assert len({plain, with_pdl, G._launch_key(x, w, None)}) == 3
+
+
 def test_pdl_is_part_of_what_a_recording_is_keyed_on():
     with ops.using(pdl=True):
         on = ops_key("cuda")
     with ops.using(pdl=False):
         off = ops_key("cuda")
     assert on != off and ("pdl", True) in on and ("pdl", False) in off
+
+
+# ------------------------------------------------------------------------------------------------ sm_90 machine code
+
+def _kernels_to_build():
+    """(name, JITFunction, pointer dtypes, float args, constexprs, num_warps) at StableLM-3B decode shapes."""
+    import kernels.decode as d
+    import kernels.gemv as g
+    import kernels.mlp as m
+    import kernels.norm as n
+    import kernels.rotary as r
+    bf = "*bf16"
+    gemv_ptrs = dict(X=bf, W=bf, S=bf, Z=bf, BIAS=bf, OUT=bf)
+    gemv_const = dict(GROUP=1, HAS_BIAS=False, PARTIAL=False, EVEN=True, UNROLL=True)
+    return [
+        ("gemv-bf16", g._gemv_fma_kernel, gemv_ptrs, (),
+         dict(gemv_const, BITS=16, BLOCK_N=8, BLOCK_K=256, TILES=10, PF_LINES=64, PF_STEP=64), 4),
+        ("gemv-int8", g._gemv_fma_kernel, dict(gemv_ptrs, W="*i8"), (),
+         dict(gemv_const, BITS=8, BLOCK_N=32, BLOCK_K=512, TILES=5, PF_LINES=32, PF_STEP=128), 8),
+        ("split-sum", g._split_sum_kernel, dict(P="*fp32", BIAS="*fp32", OUT=bf), (), dict(HAS_BIAS=False, BLOCK=1024),
+         4),
+        ("layer-norm", n._layer_norm_fwd_kernel, dict(X=bf, RES=bf, W=bf, BIAS=bf, Y=bf, S=bf), ("eps",),
+         dict(N=2560, PER_HEAD=False, HAS_RES=True, HAS_BIAS=True, BLOCK_R=1, BLOCK_N=4096), 8),
+        ("swiglu", m._swiglu_fwd_kernel, dict(G=bf, U=bf, O=bf), (), dict(BLOCK_R=1, BLOCK_C=1024), 4),
+        ("rotary-cache", r._rotary_cache_kernel,
+         dict(Q=bf, K=bf, V=bf, KC=bf, VC=bf, COS="*fp32", SIN="*fp32", WRITE_POS="*i32"), (),
+         dict(HALF=10, HEAD_DIM=80, BLOCK_H=16, BLOCK_R=32, BLOCK_D=128), 4),
+        ("decode-attention", d._decode_split_kernel,
+         dict(Q=bf, K=bf, V=bf, KV_LEN="*i32", KV_START="*i32", OUT=bf, PART="*fp32", COUNTER="*i32"), ("qk_scale",),
+         dict(G=1, HEAD_DIM=80, NUM_SPLITS=4, HAS_START=True, IEEE_DOT=False, FUSED=True, BLOCK_G=16, BLOCK_N=64,
+              BLOCK_D=128, BLOCK_S=4), 4),
+        ("decode-combine", d._decode_combine_kernel, dict(PART="*fp32", OUT=bf), (),
+         dict(HEAD_DIM=80, NUM_SPLITS=4, BLOCK_S=4, BLOCK_D=128), 4),
+    ]
+
+
+_GLOBAL_MEMORY = re.compile(r"\b(LDG|STG|ATOMG|ATOM|RED|LD|ST)(\.|\s)")
+
+
+def _sass_summary() -> dict:
+    """For each kernel with PDL on and off: the order of the first PDL instructions and global memory accesses in
+    its sm_90 machine code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    summary = {}
+    for name, fn, ptrs, floats, const, warps in _kernels_to_build():
+        for pdl in (True, False):
+            consts = dict(const, PDL=pdl)
+            sig = {a: ("constexpr" if a in consts else ptrs.get(a, "fp32" if a in floats else "i32"))
+                   for a in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps,
+                                                                                        launch_pdl=pdl))
+            path = f"/tmp/stablelm_pdl_{os.getpid()}.cubin"
+            with open(path, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+            os.remove(path)
+            lines = sass.splitlines()
+
+            def first(pattern):
+                return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
+            summary[f"{name}/{'pdl' if pdl else 'plain'}"] = dict(
+                launch_dependents=first(r"\bPREEXIT\b"), wait=first(r"\bACQBULK\b"),
+                prefetch=first(r"CCTL\.E\.PF2"), memory=first(_GLOBAL_MEMORY.pattern))
+    return summary
+
+
+def test_pdl_kernels_wait_before_any_global_memory_access_on_sm90():
+    """The decode kernels' PDL variants assemble for sm_90; in each, griddepcontrol.launch_dependents and .wait
+    come before the first global load or store (the GEMV's L2 prefetches before the wait), and the plain variants
+    hold neither instruction."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert len(summary) == 2 * len(_kernels_to_build())
+    for key, at in summary.items():
+        assert at["memory"] is not None, key
+        if key.endswith("/pdl"):
+            assert at["launch_dependents"] is not None and at["wait"] is not None, key
+            assert at["launch_dependents"] < at["wait"] < at["memory"], (key, at)
+            if key.startswith("gemv"):
+                assert at["prefetch"] is not None and at["prefetch"] < at["wait"], (key, at)
+        else:
+            assert at["launch_dependents"] is None and at["wait"] is None and at["prefetch"] is None, (key, at)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -141,3 +251,8 @@ def test_gpu_decode_with_pdl_equals_without_and_recaptures():
         for _ in range(3):
             assert torch.equal(session.generate(ids, max_new_tokens=48, stop_ids=[]), off)
     assert session.builds == 2
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    print(json.dumps(_sass_summary()))
