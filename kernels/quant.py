@@ -59,7 +59,8 @@ import triton.language as tl
 from kernels import contract as _c
 from kernels import gemv as _gemv
 from kernels import int4pack as _int4pack
-from kernels._common import FLOAT_DTYPES, check_tiles, skinny_split_k, sm_count
+from kernels._common import (FLOAT_DTYPES, check_tiles, pdl_launch_dependents, pdl_wait, prefetch_l2, skinny_split_k,
+                             sm_count, use_pdl)
 
 _QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
 
@@ -245,12 +246,14 @@ def _quant_matmul_kernel(X, QW, SCALES, ZEROS, BIAS, OUT,
                          M, N, K, tiles_per_split,
                          sxm, sxk, sqn, sqk, ssn, ssg, szn, szg, so_split, som, son,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Grid (m blocks, n blocks, K splits): OUT[split, m, n] = sum over this split's K tiles of x * dequant(w).
 
     BLOCK_M == 1 multiplies and reduces on the CUDA cores; BLOCK_M >= 16 uses tl.dot. For int4, BLOCK_K
-    divides GROUP, so each K tile lies inside one group.
+    divides GROUP, so each K tile lies inside one group. PDL (kernels/_common.py): the first line of each weight
+    row's first tile is prefetched into L2 before waiting for the previous kernel.
     """
+    pdl_launch_dependents(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -263,6 +266,10 @@ def _quant_matmul_kernel(X, QW, SCALES, ZEROS, BIAS, OUT,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    if PDL:
+        first = tl.minimum(t_begin * (BLOCK_K if BITS == 8 else BLOCK_K // 2), (K if BITS == 8 else K // 2) - 1)
+        prefetch_l2(QW + tl.minimum(offs_n, N - 1).to(tl.int64) * sqn + first * sqk)
+    pdl_wait(PDL)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -303,8 +310,10 @@ def _quant_matmul_kernel(X, QW, SCALES, ZEROS, BIAS, OUT,
 
 @triton.jit
 def _split_sum_kernel(P, BIAS, OUT, N, n_splits, sps, spm, som,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """OUT[m, n] = sum_s P[s, m, n] (+ bias[n]), summed in split order, so results are reproducible."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -386,6 +395,7 @@ def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: Qua
     zeros_strides = (0, 0) if zeros is None else zeros.stride()
     scales_strides = (scales.stride(0), 0) if bits == 8 else scales.stride()
     grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n), n_splits)
+    pdl = use_pdl(x2.device)
     _quant_matmul_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, target,
         M, N, K, tiles_per_split,
@@ -394,12 +404,12 @@ def quant_matmul(x2, qweight, scales, zeros, bias, bits, group_size, config: Qua
         BITS=bits, GROUP=group_size if bits == 4 else 1, HAS_BIAS=bias is not None and n_splits == 1,
         IEEE=x2.dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)
     if n_splits > 1:
         block_n = min(1024, triton.next_power_of_2(N))
         _split_sum_kernel[(M, triton.cdiv(N, block_n))](
             target, bias if bias is not None else target, out, N, n_splits, target.stride(0), target.stride(1),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n)
+            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -78,6 +78,7 @@ def _kernels_to_build():
     import kernels.gemv as g
     import kernels.mlp as m
     import kernels.norm as n
+    import kernels.quant as q
     import kernels.rotary as r
     bf = "*bf16"
     gemv_ptrs = dict(X=bf, W=bf, S=bf, Z=bf, BIAS=bf, OUT=bf)
@@ -87,6 +88,14 @@ def _kernels_to_build():
          dict(gemv_const, BITS=16, BLOCK_N=8, BLOCK_K=256, TILES=10, PF_LINES=64, PF_STEP=64), 4),
         ("gemv-int8", g._gemv_fma_kernel, dict(gemv_ptrs, W="*i8"), (),
          dict(gemv_const, BITS=8, BLOCK_N=32, BLOCK_K=512, TILES=5, PF_LINES=32, PF_STEP=128), 8),
+        ("quant-matmul-int4", q._quant_matmul_kernel,
+         dict(X=bf, QW="*u8", SCALES=bf, ZEROS=bf, BIAS=bf, OUT="*fp32"), (),
+         dict(BITS=4, GROUP=128, HAS_BIAS=False, IEEE=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4),
+        ("quant-matmul-int8", q._quant_matmul_kernel,
+         dict(X=bf, QW="*i8", SCALES=bf, ZEROS=bf, BIAS=bf, OUT=bf), (),
+         dict(BITS=8, GROUP=1, HAS_BIAS=True, IEEE=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128), 4),
+        ("quant-split-sum", q._split_sum_kernel, dict(P="*fp32", BIAS=bf, OUT=bf), (),
+         dict(HAS_BIAS=True, BLOCK_N=1024), 4),
         ("split-sum", g._split_sum_kernel, dict(P="*fp32", BIAS="*fp32", OUT=bf), (), dict(HAS_BIAS=False, BLOCK=1024),
          4),
         ("layer-norm", n._layer_norm_fwd_kernel, dict(X=bf, RES=bf, W=bf, BIAS=bf, Y=bf, S=bf), ("eps",),
@@ -154,7 +163,7 @@ def test_pdl_kernels_wait_before_any_global_memory_access_on_sm90():
         if key.endswith("/pdl"):
             assert at["launch_dependents"] is not None and at["wait"] is not None, key
             assert at["launch_dependents"] < at["wait"] < at["memory"], (key, at)
-            if key.startswith("gemv"):
+            if key.startswith(("gemv", "quant-matmul")):
                 assert at["prefetch"] is not None and at["prefetch"] < at["wait"], (key, at)
         else:
             assert at["launch_dependents"] is None and at["wait"] is None and at["prefetch"] is None, (key, at)
