@@ -18,7 +18,7 @@ import stablelm
 import stablelm.ops as ops
 from kernels._common import pdl_on, set_pdl, use_pdl
 from kernels.gemv import GemvConfig, gemv
-from kernels.quant import quantize_weight
+from kernels.quant import QuantMatmulConfig, quant_matmul, quantize_weight
 from stablelm.generate import DecodeSession, ops_key
 from stablelm.graph import GraphDecodeStep
 
@@ -184,14 +184,16 @@ def _graph(fn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [16, 8])
-def test_gpu_pdl_chain_in_a_graph_gives_the_same_bits(bits):
-    """A decode-like chain (LayerNorm + residual -> GEMV -> SwiGLU -> GEMV with K splits -> ...) recorded with and
-    without PDL: every replay of the PDL graph equals the graph without it and the eager chain, bit for bit."""
-    assert use_pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+@pytest.mark.parametrize("bits,rows", [(16, 1), (8, 1), (8, 4), (4, 4)])
+def test_gpu_pdl_chain_in_a_graph_gives_the_same_bits(bits, rows):
+    """A decode-like chain (LayerNorm + residual -> matmul -> SwiGLU -> matmul with K splits -> ...; one row: the
+    GEMV, four rows: the tiled quant matmul) recorded with and without PDL: every replay of the PDL graph equals the
+    graph without it and the eager chain, bit for bit."""
+    with ops.using(pdl=True):
+        assert use_pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
     gen = torch.Generator(device="cuda").manual_seed(0)
     H, F = 1024, 1536
-    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(rows, H, device="cuda", dtype=torch.bfloat16, generator=gen)
     ln_w = torch.randn(H, device="cuda", dtype=torch.bfloat16, generator=gen)
     ln_b = torch.randn(H, device="cuda", dtype=torch.bfloat16, generator=gen)
 
@@ -202,15 +204,18 @@ def test_gpu_pdl_chain_in_a_graph_gives_the_same_bits(bits):
         return quantize_weight(w, bits, 128)
 
     layers = [(weight(2 * F, H), weight(H, F)) for _ in range(4)]
-    split = GemvConfig(1, 8, 256, split_k=3)
+
+    def matmul(a, w, split):
+        if rows == 1:
+            return gemv(a, *w, bits=bits, config=GemvConfig(1, 8, 256, split_k=3) if split else None)
+        return quant_matmul(a, *w, None, bits, 128, QuantMatmulConfig(16, 64, 128, split_k=3 if split else 1))
 
     def chain():
         h, delta = x, torch.zeros_like(x)
         for up, down in layers:
             n, h = ops.layer_norm(delta, ln_w, ln_b, 1e-5, residual=h)
-            g = gemv(n, *up, bits=bits)
-            a = ops.swiglu_fused(g)
-            delta = gemv(a, *down, bits=bits, config=split)
+            a = ops.swiglu_fused(matmul(n, up, split=False))
+            delta = matmul(a, down, split=True)
         return h + delta
 
     with ops.using(pdl=False, layer_norm="triton", swiglu_fused="triton"):
