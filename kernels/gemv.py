@@ -43,8 +43,10 @@ from kernels._common import (FLOAT_DTYPES, INTERPRET, cdiv, next_power_of_2, pdl
                              prefetch_l2, sm_count, use_pdl)
 
 MAX_UNROLL = 16  # K tiles per program unrolled in the CUDA-core kernel (more: a loop)
-# K tiles per program whose weights a PDL launch prefetches into L2 before waiting for the previous kernel.
-PREFETCH_TILES = 16
+# K tiles per program whose weights a PDL launch prefetches into L2 before waiting for the previous kernel: enough
+# bytes in flight to cover the DRAM latency (3B qkv in bf16: 960 programs x 8 KB), few enough that what is prefetched
+# stays in L2 until read. A guess until bench/pdl_sweep.py has measured 0 / 1 / 2 / 16.
+PREFETCH_TILES = 2
 MAX_M = 64  # above this the matmul is no longer bound by the weight read: F.linear / the tiled quant matmul
 
 # Exponent-trick constants (see the module docstring).
