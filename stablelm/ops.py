@@ -26,7 +26,8 @@ module that holds the op's reference):
 pdl (off by default until measured on a GPU; STABLELM_PDL=1 in the environment turns the default on) is how the
 "triton" kernels of a decode step are launched, not an implementation: on Hopper and later GPUs each may start
 while the kernel before it still runs, and waits on the device for that kernel's output (kernels/_common.py has the
-rule every such kernel keeps). Results are the same bits either way.
+rule every such kernel keeps). The arithmetic is the same either way (tests/test_pdl.py's GPU tests compare the
+bits).
 
 Defaults: on CUDA the first available name in CUDA_PREFERENCE, on the CPU "torch". A "triton" implementation
 picked for CPU tensors runs in Triton's interpreter when TRITON_INTERPRET=1 was set before the kernels were
