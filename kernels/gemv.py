@@ -424,8 +424,10 @@ def gemv(x2, weight, scales=None, zeros=None, bias=None, bits: int = 16, group_s
         grid = (cdiv(N, config.block_n), M, n_splits)
         # L2 lines of 128 bytes: PF_STEP load units each (int4: int32 words of 8 codes), over the first tiles.
         pf_step = 128 // weight.element_size()
-        pf_units = min(tiles_per_split, PREFETCH_TILES) * (bk // 8 if bits == 4 else bk)
-        pf_lines = next_power_of_2(cdiv(pf_units, pf_step)) if pdl and pf_units else 0
+        pf_lines = 0
+        if pdl and PREFETCH_TILES > 0:
+            pf_units = min(tiles_per_split, PREFETCH_TILES) * (bk // 8 if bits == 4 else bk)
+            pf_lines = next_power_of_2(cdiv(pf_units, pf_step))
         _gemv_fma_kernel[grid](*args, N, K, K // 8 if bits == 4 else K, x2.stride(0), weight.stride(0), ssn, ssg,
                                N, sos, TILES=tiles_per_split, EVEN=K % (k_split) == 0,
                                UNROLL=tiles_per_split <= MAX_UNROLL, PDL=pdl, PF_LINES=pf_lines, PF_STEP=pf_step,
