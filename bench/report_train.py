@@ -34,10 +34,16 @@ Rows (--rows, comma separated; default all), each with its peer (speedup = peer 
                            the one graph); peer transformers-lora-ckpt, and reported against stablelm-lora-peft-ckpt
   stablelm-full            full fine-tuning of the LM (AdamW, float32 master weights, as ReportModel keeps every
                            trained tensor); peer transformers-full
+  stablelm-full-mixed      full fine-tuning in bf16 with float32 master weights and moments in the optimizer
+                           (precision bf16-mixed: stablelm.optim.MasterAdamW); peer transformers-full-autocast
+  stablelm-full-mixed-compile  the same with the loss compiled as stablelm-lora-peft-compile; peer
+                           transformers-full-autocast, and reported against stablelm-full-mixed
   stablelm-qlora-int8/int4/nf4  the peft layout over a frozen int8 / int4 (group 128) / nf4 (block 64) LM; peer
                            transformers-lora, and reported against stablelm-lora-peft (step-time ratio, loss
                            after the steps)
   transformers-lora, transformers-lora-ckpt, transformers-full   the peers (peft on the seven projections)
+  transformers-full-autocast  transformers' mixed precision for full fine-tuning (the Trainer's bf16=True): float32
+                           weights and AdamW, the step's forward under torch.autocast(bf16)
 
 One step = forward (loss) + backward + AdamW step + zero_grad on B studies of 2 random 224x224 images and
 synthetic reports of ~60 words (max_length 100 report tokens); the same batch every step. Each row runs in its own
@@ -48,9 +54,10 @@ counting every position of the padded sequence; GPU-busy time: the summed durati
 copies) of 5 further steps under torch.profiler, per step, over the median step time (a launch-bound step shows a
 low fraction); peak VRAM since the phase began, less what an earlier row left allocated (leftover_gib, ~0: compile
 caches are reset between rows), against the budget the issue names: resident weights (quantized
-where they are) + trained-tensor state (float32 weight, gradient and two AdamW moments: 16 bytes per trained
-parameter) + activations (memory held by the graph after a forward, measured); trainable parameters; the loss at
-step 0 (eval mode) and after the timed steps.
+where they are) + trained-tensor state (float32 weight, gradient and two AdamW moments, or under bf16-mixed bf16
+weight and gradient, float32 master and moments: 16 bytes per trained parameter either way) + activations (memory
+held by the graph after a forward, measured); trainable parameters; the loss at step 0 (eval mode) and after the
+timed steps.
 """
 from __future__ import annotations
 
@@ -71,6 +78,7 @@ from bench.common import bench_device, environment, markdown_table, resident_byt
 from bench.decode import build_hf
 from stablelm import StableLM, preset
 from stablelm.lora import apply_lora, make_optimizer
+from stablelm.optim import MasterAdamW
 from stablelm.quantize import quantize_model
 from stablelm.tokenizer import Tokenizer
 from vision.pipeline import ENCODER_PRESETS, build_tokenizer
@@ -99,12 +107,15 @@ ROWS = {
     "stablelm-lora-peft-ckpt-compile": ("ours", dict(lm_mode="lora", lora_layout="peft", gradient_checkpointing=True,
                                                      compile=True)),
     "stablelm-full": ("ours", dict(lm_mode="full")),
+    "stablelm-full-mixed": ("ours", dict(lm_mode="full", precision="bf16-mixed")),
+    "stablelm-full-mixed-compile": ("ours", dict(lm_mode="full", precision="bf16-mixed", compile=True)),
     "stablelm-qlora-int8": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(8, 128, 128, "int"))),
     "stablelm-qlora-int4": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(4, 128, 32, "int"))),
     "stablelm-qlora-nf4": ("ours", dict(lm_mode="lora", lora_layout="peft", quant=(4, 64, 32, "nf4"))),
     "transformers-lora": ("hf", dict(lm_mode="lora")),
     "transformers-lora-ckpt": ("hf", dict(lm_mode="lora", gradient_checkpointing=True)),
     "transformers-full": ("hf", dict(lm_mode="full")),
+    "transformers-full-autocast": ("hf", dict(lm_mode="full", autocast=True)),
 }
 PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile": "transformers-lora",
          "stablelm-lora-peft-compile-default": "transformers-lora",
@@ -113,6 +124,8 @@ PEERS = {"stablelm-lora-peft": "transformers-lora", "stablelm-lora-peft-compile"
          "stablelm-lora-peft-ckpt": "transformers-lora-ckpt",
          "stablelm-lora-peft-ckpt-compile": "transformers-lora-ckpt",
          "stablelm-full": "transformers-full",
+         "stablelm-full-mixed": "transformers-full-autocast",
+         "stablelm-full-mixed-compile": "transformers-full-autocast",
          "stablelm-qlora-int8": "transformers-lora", "stablelm-qlora-int4": "transformers-lora",
          "stablelm-qlora-nf4": "transformers-lora"}
 
@@ -200,12 +213,15 @@ def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, setti
     encoder.load_state_dict(convert_hf_state_dict(swin_state, encoder_config))
     encoder.to(dtype)
     config = dataclasses.replace(report, **{k: v for k, v in settings.items()
-                                             if k not in ("quant", "compile", "memory_budget")})
+                                             if k not in ("quant", "compile", "memory_budget", "precision")})
     torch.manual_seed(seed)  # the projector's (and adapters') initialisation: the same in every row
     model = ReportModel(encoder, lm, tokenizer, config).to(device)
-    for p in model.parameters():  # float32 master weights for whatever trains, as vision.pipeline.build_model
+    # As vision.pipeline.build_model: whatever trains keeps float32 (master) weights, or under bf16-mixed trains
+    # in bf16 with the masters in the optimizer.
+    trained_dtype = torch.bfloat16 if settings.get("precision") == "bf16-mixed" else torch.float32
+    for p in model.parameters():
         if p.requires_grad:
-            p.data = p.data.float()
+            p.data = p.data.to(trained_dtype)
     if settings.get("compile"):
         model.compile_loss(*row_compile(settings, *compile_with), settings.get("memory_budget"))
     return model
@@ -270,8 +286,8 @@ def adapter_shapes(model: ReportModel) -> str:
 
 
 # ---------------------------------------------------------------------------- measuring
-def train_step(model, optimizer, images, reports, last: dict) -> None:
-    loss = model(images, reports)
+def train_step(forward, optimizer, images, reports, last: dict) -> None:
+    loss = forward(images, reports)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -324,14 +340,14 @@ def gpu_busy_ms(step, steps: int, cuda: bool):
     return busy_us / steps / 1e3, len(device_events) / steps
 
 
-def activation_bytes(model, images, reports, cuda: bool):
+def activation_bytes(model, forward, images, reports, cuda: bool):
     """Memory the autograd graph holds after one forward (freed again by the backward). None for a compiled
     loss: its CUDA graphs keep their activations in a pool allocated once, so the difference reads ~0."""
     if not cuda or getattr(model, "_compiled_lm_loss", None) is not None:
         return None
     _sync(cuda)
     before = torch.cuda.memory_allocated()
-    loss = model(images, reports)
+    loss = forward(images, reports)
     _sync(cuda)
     held = torch.cuda.memory_allocated() - before
     loss.backward()
@@ -343,10 +359,16 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q))
 
 
-def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bool, leftover: int = 0) -> dict:
+def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bool, leftover: int = 0,
+            autocast: bool = False) -> dict:
     """One row; the peak VRAM counts from here (its weights are already resident). leftover: bytes still allocated
-    before this row's model was built (an earlier row's tensors), left out of its peak."""
+    before this row's model was built (an earlier row's tensors), left out of its peak. autocast: every forward
+    under torch.autocast(bf16) (the transformers mixed-precision peer)."""
     seq = sequence_length(model, images, reports)
+
+    def forward(*args):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(*args)
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
@@ -354,17 +376,18 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
     t0 = time.perf_counter()
     model.eval()  # no dropout / stochastic depth: the two implementations must give the same loss here
     with torch.no_grad():
-        loss0 = model(images, reports).item()
+        loss0 = forward(images, reports).item()
     model.train()
     optimizer, _ = make_optimizer(model, lr=1e-4, weight_decay=0.05, total_steps=WARMUP + steps + PROFILED_STEPS)
     not_fp32 = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
-    if not_fp32:
+    if not_fp32 and not isinstance(optimizer, MasterAdamW):
         raise RuntimeError(f"{impl}: trained tensors without float32 master weights: {not_fp32[:5]}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     last = {}
 
     def step():
-        train_step(model, optimizer, images, reports, last)
+        train_step(forward, optimizer, images, reports, last)
 
     for _ in range(WARMUP if cuda else 1):  # --tiny: one warm-up step keeps the smoke run short
         step()
@@ -373,9 +396,9 @@ def measure(impl: str, model: ReportModel, images, reports, steps: int, cuda: bo
     times = step_times(step, steps, cuda)
     loss_last = last["loss"].item()
     busy_ms, kernels = gpu_busy_ms(step, PROFILED_STEPS, cuda)
-    acts = activation_bytes(model, images, reports, cuda)
+    acts = activation_bytes(model, forward, images, reports, cuda)
     ms = percentile(times, 50)
-    weights = resident_bytes(model) - 4 * trained  # the trained tensors are counted in their state below
+    weights = resident_bytes(model) - trained_bytes  # the trained tensors are counted in their state below
     budget = None if acts is None else weights + 16 * trained + acts
     peak = torch.cuda.max_memory_allocated() - leftover if cuda else None
     batch = images.shape[0]
@@ -473,7 +496,7 @@ def main(argv=None) -> dict:
                 free(cuda)
             model, backend = build_transformers(lm_weights, lm_config, swin_state, encoder_config, projector,
                                                 tokenizer, report, args.hf_lora, device, dtype, settings)
-        row = measure(name, model, images, reports, steps, cuda, leftover)
+        row = measure(name, model, images, reports, steps, cuda, leftover, settings.get("autocast", False))
         row["lora_backend"] = backend
         if settings.get("compile"):
             mode, backend = row_compile(settings, compile_mode, compile_backend)

@@ -24,7 +24,8 @@ output takes dropout's 1 / (1 - p) folded into its scale (one multiply, not two:
 so every kernel counts).
 
 The base weight is frozen; B starts at zero so a fresh adapter leaves the model's output unchanged. `LM_TARGETS` are
-the decoder's linears; `make_optimizer` is the AdamW + cosine decay the report model trains with, and
+the decoder's linears; `make_optimizer` is the AdamW + cosine decay the report model trains with (float32 master
+weights in the optimizer for a model trained in bf16: stablelm/optim.py), and
 `trainable_state_dict` what its checkpoints keep. It lives in stablelm/ (not vision/) so the classification heads
 and the report model train through the same code.
 """
@@ -35,6 +36,7 @@ import math
 import torch
 from torch import nn
 
+from .optim import SIXTEEN_BIT, MasterAdamW
 from .quantize import QUANTIZED_LINEARS
 
 # What LoRA wraps: nn.Linear and its frozen quantized stand-ins.
@@ -197,13 +199,24 @@ def trainable_state_dict(module: nn.Module) -> dict:
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float, total_steps: int, min_lr_ratio=0.01):
-    """AdamW over the trainable parameters with cosine decay from lr to min_lr_ratio * lr over total_steps. On CUDA
-    the fused AdamW: one pass over weight, gradient and moments per step instead of a dozen foreach passes (full
-    fine-tuning reads 45 GB of float32 state a step; LoRA launches fewer kernels)."""
+    """AdamW over the trainable parameters with cosine decay from lr to min_lr_ratio * lr over total_steps.
+    float32 parameters: torch's AdamW, on CUDA the fused one (one pass over weight, gradient and moments per step
+    instead of a dozen foreach passes: full fine-tuning reads 45 GB of float32 state a step; LoRA launches fewer
+    kernels). bf16 / fp16 parameters (mixed precision): stablelm.optim.MasterAdamW, float32 master weights in the
+    optimizer. A mix of the two is refused: one model trains in one precision."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter has requires_grad")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
+    dtypes = {p.dtype for p in params}
+    if dtypes <= set(SIXTEEN_BIT) and len(dtypes) == 1:
+        optimizer = MasterAdamW(params, lr=lr, weight_decay=weight_decay)
+    elif dtypes & set(SIXTEEN_BIT):
+        names = [f"{n} ({p.dtype})" for n, p in module.named_parameters() if p.requires_grad][:6]
+        raise ValueError(f"make_optimizer: the trained tensors mix dtypes {sorted(map(str, dtypes))} (e.g. "
+                         f"{names}); train every one in float32, or every one in the same 16-bit dtype (float32 "
+                         f"master weights in the optimizer)")
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
 
     def cosine(step):
         progress = min(step / max(total_steps, 1), 1.0)

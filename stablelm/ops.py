@@ -14,6 +14,8 @@ module that holds the op's reference):
   nf4_linear(x, qweight, absmax, absmax_scale, absmax_mean, bias, block_size)   kernels/nf4.py
   linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100)   kernels/loss.py
   linear(x, weight, bias=None)   (F.linear; the model's Linear layers)   kernels/gemv.py
+  adamw_master(param, grad, master, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
+      (in place; the optimizer's, not the model's: stablelm/optim.py)   kernels/adamw.py
 
 "torch" is the pure-PyTorch reference and runs anywhere. Swap without touching the model:
 
@@ -36,6 +38,7 @@ imported; without it every op raises the same RuntimeError saying so (rather tha
 import contextlib
 
 # Imported as kernels.<name>: the ops below reuse the names rotary and attention.
+import kernels.adamw
 import kernels.attention
 import kernels.decode
 import kernels.gemv
@@ -48,7 +51,7 @@ import kernels.rotary
 from kernels._common import INTERPRET, pdl_on, set_pdl
 
 _KERNEL_MODULES = (kernels.rotary, kernels.attention, kernels.decode, kernels.norm, kernels.mlp, kernels.quant,
-                   kernels.nf4, kernels.loss, kernels.gemv)
+                   kernels.nf4, kernels.loss, kernels.gemv, kernels.adamw)
 
 # Preferred implementation first, from the measurements in bench/results/ (README, "Swapping kernels", says why).
 CUDA_PREFERENCE = {
@@ -63,6 +66,7 @@ CUDA_PREFERENCE = {
     "nf4_linear": ["triton", "torch"],
     "linear_cross_entropy": ["triton", "chunked", "torch"],
     "linear": ["triton", "torch"],
+    "adamw_master": ["triton", "torch"],
 }
 
 _registry: dict[str, dict] = {}
@@ -191,6 +195,11 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100):
 
 def linear(x, weight, bias=None):
     return get("linear", x.device.type)(x, weight, bias)
+
+
+def adamw_master(param, grad, master, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    return get("adamw_master", param.device.type)(param, grad, master, exp_avg, exp_avg_sq, lr, beta1, beta2, eps,
+                                                   weight_decay, step)
 
 
 def _register_kernels():

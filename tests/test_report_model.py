@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
+from stablelm.convert import CheckpointError
 from stablelm.lora import make_optimizer
+from stablelm.optim import MasterAdamW
 from vision import evaluate as evaluate_script
 from vision import synthetic
 from vision import train as train_script
@@ -170,6 +172,36 @@ def test_resume_keeps_this_machines_adamw_implementation(synth, tokenizer_dir, t
     assert opt2.state_dict()["state"][0]["step"] == 2
     resumed, _, _ = _continue(fresh, opt2, sched2, b)
     assert resumed == pytest.approx(next_loss, rel=1e-5)
+
+
+def test_bf16_mixed_full_fine_tuning_trains_and_resumes_with_its_master_weights(synth, tokenizer_dir, tmp_path):
+    """precision bf16-mixed: the whole LM trains in bf16 with float32 master weights in the optimizer
+    (MasterAdamW); the loss falls, the masters go into the run checkpoint, and the resumed run takes the same next
+    step. Resuming it as a bf16 run (float32 trained weights, no masters) is refused with the reason."""
+    s = {**spec(tokenizer_dir, lm_mode="full", lora_dropout=0.0), "precision": "bf16-mixed"}
+    b = batch(synth)
+    torch.manual_seed(1)
+    model = build_model(s, "cpu", "bf16-mixed")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.bfloat16 for p in trained)
+    assert sum(p.numel() for p in trained) > sum(p.numel() for p in model.lm.parameters()) * 0.99
+    losses, opt, sched = _train_steps(model, b, 4, lr=1e-3)
+    assert isinstance(opt, MasterAdamW) and losses[-1] < losses[0] - 0.1, losses
+    save_run_checkpoint(tmp_path / "last", model, s, epoch=0, step=4, optimizer=opt, scheduler=sched)
+    next_loss, _, _ = _continue(model, opt, sched, b)
+
+    run = load_run_checkpoint(tmp_path / "last")
+    assert all(run.optimizer["state"][n]["master"].dtype == torch.float32 for n in run.optimizer["state"])
+    fresh = build_model(run.spec, "cpu", "bf16-mixed")
+    opt2, sched2 = make_optimizer(fresh, 1e-3, 0.0, 100)
+    restore_training(run, fresh, opt2, sched2)
+    resumed, _, _ = _continue(fresh, opt2, sched2, b)
+    assert resumed == next_loss
+
+    as_bf16 = build_model(run.spec, "cpu", "bf16")
+    opt3, sched3 = make_optimizer(as_bf16, 1e-3, 0.0, 100)
+    with pytest.raises(CheckpointError, match="master weight, which only a bf16-mixed run keeps"):
+        restore_training(run, as_bf16, opt3, sched3)
 
 
 @pytest.mark.gpu

@@ -43,6 +43,11 @@ def test_rows_present_and_finite(run):
         # --tiny: cheap, and a backend whose partitioner reads the memory budget
         assert (compiled["compile_mode"], compiled["compile_backend"]) == ("default", "aot_eager_decomp_partition")
         assert compiled["speedup_vs_eager"] == pytest.approx(rows[eager]["step_ms"] / compiled["step_ms"])
+    assert rows["stablelm-full-mixed-compile"]["speedup_vs_eager"] == pytest.approx(
+        rows["stablelm-full-mixed"]["step_ms"] / rows["stablelm-full-mixed-compile"]["step_ms"])
+    # bf16 against the float32 rows' loss, on the same weights: the mixed-precision rows compute the same thing
+    for name in ("stablelm-full-mixed", "stablelm-full-mixed-compile", "transformers-full-autocast"):
+        assert rows[name]["loss_step0"] == pytest.approx(rows["stablelm-full"]["loss_step0"], rel=2e-2), name
     assert rows["stablelm-lora-peft-compile-budget"]["compile_memory_budget"] == 0.5
     assert rows["stablelm-lora-peft-compile"]["compile_memory_budget"] is None
     for fmt in ("int8", "int4", "nf4"):
@@ -85,7 +90,9 @@ def test_trainable_counts_follow_the_adapter_layouts(run):
                  "stablelm-qlora-int4", "stablelm-qlora-nf4",
                  "transformers-lora", "transformers-lora-ckpt"):
         want[name] = L * peft
-    want["stablelm-full"] = want["transformers-full"] = full
+    for name in ("stablelm-full", "stablelm-full-mixed", "stablelm-full-mixed-compile", "transformers-full",
+                 "transformers-full-autocast"):
+        want[name] = full
     assert counts == {name: projector + n for name, n in want.items()}
 
 

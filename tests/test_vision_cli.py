@@ -215,3 +215,21 @@ def test_failed_validation_keeps_the_epoch_and_resume_matches_an_uninterrupted_r
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]
     assert resumed["epochs"][1]["train_loss"] == straight["epochs"][1]["train_loss"]
     assert resumed["epochs"][1]["step"] == straight["epochs"][1]["step"]
+
+
+def test_bf16_mixed_full_fine_tuning_from_the_command_line(home, tmp_path):
+    """`--precision bf16-mixed --lm-mode full` in a subprocess: the run trains the LM in bf16, its checkpoint holds
+    the trained bf16 weights and, for resuming, their float32 master weights."""
+    out = tmp_path / "mixed"
+    proc = run_cli("vision.train", *map(str, train_args(home / "data", out, "--precision", "bf16-mixed",
+                                                         "--lm-mode", "full")), home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors import safe_open
+    with safe_open(str(out / "last" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        lm_weights = [k for k in f.keys() if k.startswith("lm.")]
+    with safe_open(str(out / "last" / "optimizer.safetensors"), "pt") as f:
+        masters = {k.removeprefix("master/") for k in f.keys() if k.startswith("master/")}
+        assert {f.get_slice(f"master/{k}").get_dtype() for k in masters} == {"F32"}
+    assert lm_weights and set(lm_weights) <= masters
+    assert json.loads((out / "last" / "state.json").read_text())["spec"]["precision"] == "bf16-mixed"

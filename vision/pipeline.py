@@ -13,7 +13,8 @@ alone and loads only the trained tensors on top.
 A run checkpoint (`runs/x/last`, `runs/x/best`) is a directory that cannot carry code, read without unpickling:
   model.safetensors      the trained tensors only (projector, LayerNorm, adapters or the fine-tuned LM)
   optimizer.safetensors  resume state (last only): AdamW `exp_avg/NAME`, `exp_avg_sq/NAME`, `step/NAME` per
-                         trained parameter, and the RNG states `rng/cpu`, `rng/cuda:I`
+                         trained parameter (and `master/NAME`, its float32 master weight, under bf16-mixed),
+                         and the RNG states `rng/cpu`, `rng/cuda:I`
   state.json             {"format": "report-run", "version", "spec", "epoch", "step", "results", "optimizer":
                          AdamW param-group hyperparameters with parameter names, "scheduler": LambdaLR counters}
   tokenizer/             a copy of the run's tokenizer files, so the run directory can move
@@ -44,6 +45,7 @@ import stablelm
 from stablelm.checkpoint import atomic_dir, copy_tokenizer_files
 from stablelm.convert import CheckpointError, read_json, read_tensor_file
 from stablelm.lora import make_optimizer
+from stablelm.optim import MasterAdamW
 from stablelm.tokenizer import Tokenizer
 
 from . import distributed
@@ -54,12 +56,16 @@ from .swin import SwinEncoder, swin_base_224, swin_tiny_test
 from .swin_checkpoint import load_converted, load_hf_swin
 
 ENCODER_PRESETS = {"swin-base": swin_base_224, "tiny": swin_tiny_test}
-PRECISIONS = ("fp32", "bf16")
+# fp32: everything float32. bf16: frozen weights bf16, trained tensors float32 (their own master weights).
+# bf16-mixed: every weight bf16, trained ones too (bf16 matmuls through the backward as well), float32 master
+# weights and moments in the optimizer (stablelm/optim.py's MasterAdamW): full fine-tuning's speed and memory.
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 RUN_FORMAT = "report-run"
 RUN_VERSION = 1
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TOKENIZER_DIR = ("model.safetensors", "optimizer.safetensors",
                                                          "state.json", "tokenizer")
 ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
+MASTER_STATE = "master"  # MasterAdamW's float32 master weight, beside ADAMW_STATE (precision bf16-mixed)
 
 
 @dataclass
@@ -163,17 +169,21 @@ def build_model(spec: dict, device, precision: str) -> ReportModel:
         torch.manual_seed(spec.get("seed", 0))
         encoder = SwinEncoder(ENCODER_PRESETS[spec["encoder_preset"]]())
     encoder = encoder.to(device)
-    if precision == "bf16":
-        # Frozen weights in bf16; whatever trains (projector, adapters) keeps float32 master weights.
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
+    if precision != "fp32":
         lm.to(torch.bfloat16)
         encoder.to(torch.bfloat16)
     tokenizer = Tokenizer.from_dir(tokenizer_source(spec))
     if tokenizer.vocab_size > lm.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the LM only {lm.config.vocab_size}")
     model = ReportModel(encoder, lm, tokenizer, ReportConfig.from_dict(spec["report"])).to(device)
+    # What trains (projector, adapters, the fine-tuned LM) keeps float32 weights, which are its master weights;
+    # under bf16-mixed it trains in bf16 and the optimizer keeps the float32 masters.
+    trained_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     for p in model.parameters():
         if p.requires_grad:
-            p.data = p.data.float()
+            p.data = p.data.to(trained_dtype)
     return model
 
 
@@ -235,7 +245,7 @@ def save_run_checkpoint(directory: Path, model: ReportModel, spec: dict, epoch: 
     if optimizer is not None:
         sd = named_optimizer_state(model, optimizer) if optimizer_state is None else optimizer_state
         for name, values in sd["state"].items():
-            for key in ADAMW_STATE:
+            for key in ADAMW_STATE + ((MASTER_STATE,) if MASTER_STATE in values else ()):
                 value = values[key]
                 resume[f"{key}/{name}"] = (value if torch.is_tensor(value)
                                            else torch.tensor(float(value))).detach().cpu().contiguous()
@@ -309,7 +319,7 @@ def _optimizer_state(saved: dict, tensors: dict, path: Path) -> dict:
                 continue  # never stepped (no gradient yet): AdamW has no state for it either
             if missing:
                 raise CheckpointError(f"{path}: {name} lacks {missing}")
-            state[name] = {k: tensors[f"{k}/{name}"] for k in ADAMW_STATE}
+            state[name] = {k: tensors[f"{k}/{name}"] for k in ADAMW_STATE + (MASTER_STATE,) if f"{k}/{name}" in tensors}
     return {"state": state, "param_groups": groups}
 
 
@@ -364,11 +374,18 @@ def restore_training(run: RunCheckpoint, model: ReportModel, optimizer, schedule
         if name not in index:
             raise CheckpointError(f"{run.directory / OPTIMIZER_FILE}: state for {name}, which this model does not "
                                   f"train")
-        for key in ("exp_avg", "exp_avg_sq"):
+        if (MASTER_STATE in values) != isinstance(optimizer, MasterAdamW):
+            raise CheckpointError(f"{run.directory / OPTIMIZER_FILE}: "
+                                  + (f"{MASTER_STATE}/{name} is a float32 master weight, which only a bf16-mixed run "
+                                     f"keeps" if MASTER_STATE in values else
+                                     f"no {MASTER_STATE}/{name}: this bf16-mixed run needs the float32 master weights")
+                                  + f" (the run's precision is {run.spec.get('precision')!r})")
+        for key in ("exp_avg", "exp_avg_sq") + ((MASTER_STATE,) if MASTER_STATE in values else ()):
             if values[key].shape != params[name].shape:
                 raise CheckpointError(f"{run.directory / OPTIMIZER_FILE}: {key}/{name} has shape "
                                       f"{tuple(values[key].shape)}, the parameter {tuple(params[name].shape)}")
-    # load_state_dict moves and casts the moments to each parameter's device and dtype.
+    # load_state_dict moves and casts the moments to each parameter's device and dtype (MasterAdamW keeps its
+    # state in float32).
     state = {index[n]: {k: distributed.like_parameter(v, params[n]) if k != "step" else v for k, v in values.items()}
              for n, values in run.optimizer["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
@@ -467,8 +484,12 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
     run = load_run_checkpoint(resume) if resume else None
     if run is not None:
         require_resume_state(run)
-    if config.compile is not None and ranks.distributed and distributed.resolve_mode(
-            config.data_parallel, spec["report"]["lm_mode"]) == "fsdp":
+    fsdp = ranks.distributed and distributed.resolve_mode(config.data_parallel, spec["report"]["lm_mode"]) == "fsdp"
+    if spec["precision"] == "bf16-mixed" and fsdp:
+        # MasterAdamW's masters would have to be sharded and gathered like the parameters: not built.
+        raise ValueError("precision bf16-mixed: not supported under FSDP (--data-parallel fsdp, or auto with "
+                         "--lm-mode full); use --data-parallel ddp, or precision bf16")
+    if config.compile is not None and fsdp:
         # FSDP2's per-block hooks would have to be traced into the graph: not supported here.
         raise ValueError("TrainConfig.compile: not supported under FSDP (--data-parallel fsdp, or auto with "
                          "--lm-mode full); use --data-parallel ddp or leave --compile unset")
