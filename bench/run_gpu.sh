@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, in one call: GPU tests, then each benchmark (JSON under $OUT).
 #   OUT=bench/results [PART=k/n] bash bench/run_gpu.sh [tests|pdl|decode|decode-batch|quant|quant-gemv|train|
-#                                                        train-ckpt-full|train-qlora|tp|prefill|kernels|checkop ...]
+#                                                        train-ckpt-full|train-mixed|train-qlora|tp|prefill|kernels|
+#                                                        checkop ...]
 # (default: all). STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step cannot eat a lease. Each
 # step is sized to fit one 10-minute device call (an H200 on 2026-12-02: decode-batch ~5-8 min; train ~8.5 min;
 # train-ckpt-full 7 min; train-qlora ~3 min; quant ~8 min, estimated from its rows); the benchmarks rewrite their
@@ -13,7 +14,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench/results}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
-steps=${*:-tests pdl decode decode-batch quant quant-gemv train train-ckpt-full train-qlora tp prefill checkop kernels}
+steps=${*:-tests pdl decode decode-batch quant quant-gemv train train-ckpt-full train-mixed train-qlora tp prefill checkop
+          kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Result files are named after the GPU (decode_h200.json, ...) so runs on different cards sit side by side.
 TAG=${TAG:-$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]', '', torch.cuda.get_device_name().lower().replace('nvidia', ''))[:8])")}
@@ -63,6 +65,9 @@ for s in $steps; do
     train-ckpt-full)  # gradient checkpointing (eager and compiled) and full fine-tuning, each against transformers
              step python -m bench.report_train --out "$OUT/report_train_ckpt_full_${TAG}.json" \
                --rows stablelm-lora-peft-ckpt,stablelm-lora-peft-ckpt-compile,stablelm-full,transformers-lora-ckpt,transformers-full ;;
+    train-mixed)  # full fine-tuning in bf16 with float32 master weights against transformers' autocast recipe
+             step python -m bench.report_train --out "$OUT/report_train_mixed_${TAG}.json" \
+               --rows stablelm-full-mixed,stablelm-full-mixed-compile,transformers-full-autocast ;;
     train-qlora)  # the bf16 LoRA row again: the QLoRA rows' base in the same run (and the fused-adapter layout)
              step python -m bench.report_train --steps 30 --out "$OUT/report_train_qlora_${TAG}.json" \
                --rows stablelm-lora-peft,stablelm-lora-fused,stablelm-qlora-int8,stablelm-qlora-int4,stablelm-qlora-nf4 ;;

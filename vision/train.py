@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--encoder", type=cli.path, help="Hugging Face SwinModel directory or a converted encoder")
     models.add_argument("--encoder-preset", default="tiny", choices=sorted(ENCODER_PRESETS),
                         help="random-weight encoder preset when --encoder is not given")
-    models.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on the CPU")
+    models.add_argument("--precision", choices=PRECISIONS,
+                        help="bf16: frozen weights bf16, trained ones float32; bf16-mixed: every weight bf16 with "
+                             "float32 master weights in the optimizer (full fine-tuning at bf16 speed); default: "
+                             "bf16 on CUDA, fp32 on the CPU")
     cli.add_fields(ap.add_argument_group("report model (ReportConfig)"), ReportConfig, "report", skip={"generation"})
     cli.add_fields(ap.add_argument_group("validation decoding (GenerationConfig)"), GenerationConfig, "generation",
                    skip=GENERATION_SET_BY_MODEL, defaults=ReportConfig().generation, rename={"seed": "sampling_seed"})
