@@ -1,5 +1,6 @@
 """AdamW's update of a 16-bit parameter from its float32 master weight: mixed-precision training, where the model
-holds and computes with bf16 / fp16 weights and the optimizer keeps float32 master weights and moments.
+holds and computes with bf16 / fp16 weights and the optimizer keeps float32 master weights and moments. (A float32
+parameter is accepted too, its master then a plain copy: stablelm.optim.MasterAdamW does not ask for that.)
 
 One op, `adamw_master`, in place: the float32 master weight and both moments take torch.optim.AdamW's update
 (decoupled weight decay, bias-corrected moments, no amsgrad) from the 16-bit gradient, and the parameter becomes
@@ -14,17 +15,15 @@ import triton
 import triton.language as tl
 
 from kernels import contract as _c
-from kernels._common import cdiv
+from kernels._common import FLOAT_DTYPES, cdiv
 
 BLOCK = 2048  # elements per program: 8 per thread at 8 warps, 16-byte loads of the float32 state
-SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def _check(param, grad, master, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
     """The one input check both implementations run: the names say which tensor is wrong."""
-    if param.dtype not in SIXTEEN_BIT:
-        raise ValueError(f"adamw_master: param is {param.dtype}; master weights are for bf16 / fp16 parameters "
-                         f"(a float32 parameter is its own master: use torch.optim.AdamW)")
+    if param.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"adamw_master: param is {param.dtype}, not a floating dtype of {FLOAT_DTYPES}")
     if grad.dtype != param.dtype:
         raise ValueError(f"adamw_master: grad is {grad.dtype}, param {param.dtype}")
     for name, t in (("grad", grad), ("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -88,10 +87,10 @@ def _adamw_work(inputs):
 
 _ADAMW_GRID = [dict(R=rows, C=cols, step=step) for rows, cols, step in ((1, 1000, 1), (3, 257, 7), (96, 2560, 250))]
 # float32 state either way: the kernel's IEEE sqrt / division against torch's, a few ulp apart
-_ADAMW_TOL = {dtype: _c.Tol(2e-6, 2e-6) for dtype in SIXTEEN_BIT}
+_ADAMW_TOL = {dtype: _c.Tol(2e-6, 2e-6) for dtype in FLOAT_DTYPES}
 CONTRACTS = {"adamw_master": _c.Contract(
     op="adamw_master", reference=adamw_master_ref, make_inputs=_adamw_inputs,
-    cases=_c.make_cases(_ADAMW_GRID, SIXTEEN_BIT, cpu={"R1-C1000-step1-bf16", "R3-C257-step7-fp16"}),
+    cases=_c.make_cases(_ADAMW_GRID, FLOAT_DTYPES, cpu={"R1-C1000-step1-bf16", "R3-C257-step7-fp16"}),
     tol=_ADAMW_TOL, outputs=_adamw_outputs,
     bench=[_c.Case("3b-gate_up-13824x2560", dict(R=13824, C=2560, step=100), torch.bfloat16)],
     work=_adamw_work)}

@@ -121,7 +121,8 @@ def test_bad_inputs_are_named(impl):
            (dict(exp_avg=inputs["exp_avg"].bfloat16()), "exp_avg is torch.bfloat16; the optimizer's state"),
            (dict(master=inputs["master"][:, :100]), r"master has shape \(3, 100\)"),
            (dict(exp_avg_sq=inputs["exp_avg_sq"].t().contiguous().t()), "exp_avg_sq is not contiguous"),
-           (dict(param=inputs["param"].float(), grad=inputs["grad"].float()), "param is torch.float32"),
+           (dict(param=inputs["param"].to(torch.int16), grad=inputs["grad"].to(torch.int16)),
+            "param is torch.int16, not a floating dtype"),
            (dict(step=0), "step=0 must be"),
            (dict(beta2=1.0), "out of range")]
     for change, message in bad:

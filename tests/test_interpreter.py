@@ -91,6 +91,8 @@ calls = {
     "nf4_linear": lambda: ops.nf4_linear(torch.randn(B, S, 64), *nf4, None, 64),
     "linear_cross_entropy": lambda: ops.linear_cross_entropy(x[0], lin_w, labels),
     "linear": lambda: ops.linear(x[:, :1], lin_w),
+    "adamw_master": lambda: ops.adamw_master(w.bfloat16(), w.bfloat16(), w.clone(), b.clone(), b.clone(), 1e-3, 0.9,
+                                             0.999, 1e-8, 0.0, 1),
 }
 assert sorted(calls) == sorted(ops.CUDA_PREFERENCE)
 for op, call in calls.items():

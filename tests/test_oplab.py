@@ -154,7 +154,7 @@ def test_a_device_fault_names_its_case_and_the_rest_fail_unrun():
 # Usage errors exit 2
 
 @pytest.mark.parametrize("args,message", [
-    (["nope", "kernels.rotary:rotary_triton"], "unknown op 'nope'; ops are attention"),
+    (["nope", "kernels.rotary:rotary_triton"], "unknown op 'nope'; ops are adamw_master, attention"),
     (["rotary", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
     (["rotary", "kernels.rotary:nope"], "module 'kernels.rotary' has no attribute 'nope'"),
     (["rotary", "kernels.rotary"], "must be given as MODULE:FUNCTION"),
