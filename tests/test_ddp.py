@@ -43,17 +43,17 @@ TRAIN = ["--batch-size", str(WORLD * B), "--max-length", "48", "--num-beams", "1
          "--encoder-mode", "lora", "--vis-lora-dropout", "0"]
 
 
-def spec(tokenizer_dir: str, lm_mode: str) -> dict:
+def spec(tokenizer_dir: str, lm_mode: str, precision: str = "fp32") -> dict:
     report = ReportConfig(max_length=48, lm_mode=lm_mode, lora_dropout=0.0, encoder_mode="lora",
                           vis_lora_dropout=0.0,
                           generation=report_generation().replace(num_beams=1, min_new_tokens=0, max_new_tokens=3))
     return {"lm": None, "lm_preset": "tiny", "encoder": None, "encoder_preset": "tiny", "tokenizer": tokenizer_dir,
-            "seed": 0, "report": report.to_dict(), "dataset": "iu_xray", "precision": "fp32"}
+            "seed": 0, "report": report.to_dict(), "dataset": "iu_xray", "precision": precision}
 
 
 def build(model_spec: dict):
     torch.manual_seed(0)
-    model = pipeline.build_model(model_spec, "cpu", "fp32")
+    model = pipeline.build_model(model_spec, "cpu", model_spec["precision"])
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B starts at zero, which would leave A without a gradient
         for m in model.modules():
@@ -136,6 +136,11 @@ def worker(spec_path: str) -> None:
     optimizer, scheduler = make_optimizer(model, LR, 0.05, 10)
     pipeline.restore_training(pipeline.load_run_checkpoint(job["single_ckpt"]), model, optimizer, scheduler)
     result["resumed_next"] = next_loss(model, model, mine[1], ranks)
+    # Full fine-tuning in bf16 with float32 master weights (precision bf16-mixed) under DDP.
+    mixed = one_step(job["full_mixed"], mine, ranks, "ddp")
+    assert ranks.mode == "ddp" and mixed["model"].lm.layers[0].mlp.down.weight.dtype == torch.bfloat16
+    result["ddp_mixed"] = {k: mixed[k] for k in ("loss", "grads", "next")}
+    del mixed
     torch.save(result, out / f"rank{ranks.rank}.pt")
 
     # vision.train resumed at world size 2 from a checkpoint written by one process.
@@ -160,7 +165,8 @@ def setup(tmp_path_factory):
     synthetic.main([str(data), "--studies", "11", "--views", "2", "--size", "64", "--seed", "2"])  # 8 train, 1 val
     texts = [e["report"].lower() for e in load_annotation(data / "annotation.json")["train"]]
     tokenizer = str(pipeline.build_tokenizer(texts + [ReportConfig().instruction], tmp / "tok", 512))
-    return tmp, data, {"lora": spec(tokenizer, "lora"), "full": spec(tokenizer, "full")}
+    return tmp, data, {"lora": spec(tokenizer, "lora"), "full": spec(tokenizer, "full"),
+                       "full_mixed": spec(tokenizer, "full", "bf16-mixed")}
 
 
 def train_argv(data: Path, out: Path, *extra) -> list[str]:
@@ -170,10 +176,11 @@ def train_argv(data: Path, out: Path, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single(setup):
-    """One process, global batch WORLD * B: a DDP-mode (LoRA) and a full-mode step, and a full-mode checkpoint."""
+    """One process, global batch WORLD * B: a DDP-mode (LoRA), a full-mode and a bf16-mixed full-mode step, and a
+    full-mode checkpoint."""
     tmp, data, specs = setup
     steps = batches(data)
-    ref = {mode: one_step(specs[mode], steps, distributed.Ranks()) for mode in ("lora", "full")}
+    ref = {mode: one_step(specs[mode], steps, distributed.Ranks()) for mode in ("lora", "full", "full_mixed")}
     s = ref["full"]
     pipeline.save_run_checkpoint(tmp / "single_ckpt", s["model"], specs["full"], 0, 1, None, s["optimizer"],
                                  s["scheduler"])
@@ -271,6 +278,22 @@ def test_fsdp_full_finetuning_step_equals_one_process(worker_job, single):
         assert got["after_val_next"] == pytest.approx(ref["next"], rel=1e-5)
         # A checkpoint written by one process resumes under FSDP2 at world size 2.
         assert got["resumed_next"] == pytest.approx(ref["next"], rel=1e-5)
+
+
+def test_ddp_bf16_mixed_full_finetuning_step_equals_one_process(worker_job, single):
+    """bf16 weights and gradients under DDP (the all-reduce averages bf16 gradients): one process's gradients
+    within bf16 rounding, and the next loss after MasterAdamW's step within bf16 rounding too."""
+    _, _, _, ranks = worker_job
+    ref = single["full_mixed"]
+    assert "lm.embed.weight" in ref["grads"] and all(g.dtype == torch.bfloat16 for g in ref["grads"].values())
+    for r, got in enumerate(ranks):
+        assert set(got["ddp_mixed"]["grads"]) == set(ref["grads"])
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(got["ddp_mixed"]["grads"][name].float(), g.float(), rtol=3e-2,
+                                       atol=3e-2 * g.abs().max().item(), msg=lambda m: f"rank {r} {name}: {m}")
+        assert got["ddp_mixed"]["loss"] == pytest.approx(ref["loss"], rel=1e-2)
+        assert got["ddp_mixed"]["next"] == pytest.approx(ref["next"], rel=1e-2)
+        assert got["ddp_mixed"]["next"] != pytest.approx(ref["loss"], rel=1e-3)  # the step changed something
 
 
 def test_fsdp_checkpoint_is_gathered_and_resumes_in_one_process(worker_job, single, setup):
