@@ -2,7 +2,7 @@
 
     python -m bench.decode [--rows 1x128,8x512,32x512] [--new-tokens 256]
                            [--quant int8|int4 [--quantize-head] [--quantize-embedding]]
-                           [--peers stablelm-pdl,stablelm-eager,stablelm-torch-compile,transformers-sdpa,
+                           [--peers stablelm-no-pdl,stablelm-eager,stablelm-torch-compile,transformers-sdpa,
                                     transformers-static-compile]
                            [--out bench/results/decode_h200.json]
     python -m bench.decode --tiny        # small random model on the CPU (a smoke run of the same code)
@@ -12,8 +12,8 @@ StableLM-3B shape, random bf16 weights, greedy, `--new-tokens` new tokens per ca
 calls that record / compile):
 
   stablelm                     stablelm.generate (default ops, CUDA-graph decode session)
-  stablelm-pdl                 the same with ops.use(pdl=True): the kernels launched with programmatic dependent
-                               launch (what PDL buys; off by default until measured, kernels/_common.py)
+  stablelm-no-pdl              the same with ops.use(pdl=False): the kernels launched without programmatic
+                               dependent launch (what PDL, on by default, buys: kernels/_common.py)
   stablelm-eager               the same with cuda_graph=False (what the graphs buy)
   stablelm-torch-compile       the gpt-fast recipe applied to this model: reference ("torch") ops with SDPA
                                attention (prefill and decode, masked over the static cache, as gpt-fast), the decode
@@ -59,7 +59,8 @@ from stablelm.graph import CompileBuilder
 # decode reference upcasts the whole cache to float32 every step, which inductor cannot fuse away: at 8 x 512 that
 # peer took 28.9 ms a step, a straw man, not the recipe).
 RECIPE_OPS = {op: "torch" for op in ops.CUDA_PREFERENCE} | {"attention": "sdpa", "decode_attention": "sdpa"}
-PEERS = ["stablelm-pdl", "stablelm-eager", "stablelm-torch-compile", "transformers-sdpa", "transformers-static-compile"]
+PEERS = ["stablelm-no-pdl", "stablelm-eager", "stablelm-torch-compile", "transformers-sdpa",
+         "transformers-static-compile"]
 
 
 def step_bytes(model, cfg, batch, context, elt) -> int:
@@ -250,8 +251,8 @@ def main(argv=None):
 
     for batch, context in rows_spec:
         run_ours("stablelm", batch, context, DecodeSession(model))
-        if "stablelm-pdl" in peers:
-            run_ours("stablelm-pdl", batch, context, DecodeSession(model), use_ops={"pdl": True})
+        if "stablelm-no-pdl" in peers:
+            run_ours("stablelm-no-pdl", batch, context, DecodeSession(model), use_ops={"pdl": False})
         if "stablelm-eager" in peers and batch in eager_batches:
             run_ours("stablelm-eager", batch, context, DecodeSession(model), cuda_graph=False)
         if "stablelm-torch-compile" in peers:

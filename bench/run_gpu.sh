@@ -54,7 +54,7 @@ for s in $steps; do
     quant)   # the bf16 row again (the quantized rows' ratio in the same run), then each format against the recipe peer
              step python -m bench.decode --rows 1x128,8x512 --peers none --out "$OUT/decode_bf16_${TAG}.json"
              for q in int8 int4; do
-               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers stablelm-pdl,stablelm-torch-compile \
+               step python -m bench.decode --quant $q --rows 1x128,8x512 --peers stablelm-no-pdl,stablelm-torch-compile \
                  --out "$OUT/decode_${q}_${TAG}.json"
              done
              # the size target's layout: int4 with the lm_head and the embedding table quantized too

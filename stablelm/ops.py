@@ -23,9 +23,9 @@ module that holds the op's reference):
     ops.use(attention="torch", rotary="triton")     # pick per op (None goes back to the default)
     ops.register("attention", "mine", my_fn)        # add an implementation with the same signature
     with ops.using(attention="sdpa"): ...           # scoped choice
-    ops.use(pdl=True)                               # launch with programmatic dependent launch
+    ops.use(pdl=False)                              # launch without programmatic dependent launch
 
-pdl (off by default until measured on a GPU; STABLELM_PDL=1 in the environment turns the default on) is how the
+pdl (on by default; STABLELM_PDL=0 in the environment turns the default off) is how the
 "triton" kernels of a decode step are launched, not an implementation: on Hopper and later GPUs each may start
 while the kernel before it still runs, and waits on the device for that kernel's output (kernels/_common.py has the
 rule every such kernel keeps). The arithmetic is the same either way (tests/test_pdl.py's GPU tests compare the

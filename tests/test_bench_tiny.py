@@ -12,11 +12,11 @@ def test_decode_tiny(tmp_path):
     out = tmp_path / "d.json"
     payload = decode.main(["--tiny", "--out", str(out)])
     rows = {r["impl"]: r for r in payload["rows"]}
-    assert set(rows) == {"stablelm", "stablelm-pdl", "stablelm-eager", "stablelm-torch-compile",
+    assert set(rows) == {"stablelm", "stablelm-no-pdl", "stablelm-eager", "stablelm-torch-compile",
                          "transformers-sdpa", "transformers-static"}
     assert not [r["error"] for r in rows.values() if "error" in r]
     assert all(r["tokens_per_s"] > 0 and r["call_ms"] > 0 for r in rows.values())
-    for impl in ("stablelm", "stablelm-pdl", "stablelm-eager", "stablelm-torch-compile"):
+    for impl in ("stablelm", "stablelm-no-pdl", "stablelm-eager", "stablelm-torch-compile"):
         r = rows[impl]
         assert r["step_source"] == "replay" and r["step_ms"] > 0 and r["prefill_ms"] > 0
         assert r["overhead_ms"] == r["call_ms"] - r["prefill_ms"] - (r["new_tokens"] - 1) * r["step_ms"]

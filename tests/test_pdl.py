@@ -36,8 +36,8 @@ def test_pdl_switch_through_ops():
     with ops.using(pdl=True, layer_norm="torch"):
         assert ops.pdl() and ops.current("layer_norm", "cuda") == "torch"
     assert not ops.pdl() and ops.current("layer_norm", "cuda") != "torch"
-    ops.use(pdl=None)  # the default: off unless STABLELM_PDL=1
-    assert ops.pdl() == (os.environ.get("STABLELM_PDL") == "1")
+    ops.use(pdl=None)  # the default: on unless STABLELM_PDL=0
+    assert ops.pdl() == (os.environ.get("STABLELM_PDL") != "0")
     with pytest.raises(TypeError, match="pdl"):
         ops.use(pdl="yes")
     with pytest.raises(KeyError, match="no implementation"):  # nothing applied from a call that fails
