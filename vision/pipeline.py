@@ -58,7 +58,7 @@ from .swin_checkpoint import load_converted, load_hf_swin
 ENCODER_PRESETS = {"swin-base": swin_base_224, "tiny": swin_tiny_test}
 # fp32: everything float32. bf16: frozen weights bf16, trained tensors float32 (their own master weights).
 # bf16-mixed: every weight bf16, trained ones too (bf16 matmuls through the backward as well), float32 master
-# weights and moments in the optimizer (stablelm/optim.py's MasterAdamW): full fine-tuning's speed and memory.
+# weights and moments in the optimizer (stablelm/optim.py's MasterAdamW): full fine-tuning at bf16 speed.
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 RUN_FORMAT = "report-run"
 RUN_VERSION = 1
