@@ -8,16 +8,24 @@ master with torch.optim.AdamW's arithmetic and writes it back rounded into the p
 holds 4 + 4 + 8 and, through the backward, the 2-byte bf16 copies autocast made of its weights.
 
 The state dict has torch's AdamW layout plus `master` per parameter; loading keeps every state tensor in float32
-(torch's Optimizer.load_state_dict would cast them to the parameter's 16-bit dtype).
+(torch's Optimizer.load_state_dict would cast them to the parameter's 16-bit dtype). Under FSDP2 a parameter is a
+sharded DTensor: its master and moments are DTensors sharded the same way (what torch.distributed.checkpoint gathers
+whole), and each rank updates its own shard.
 """
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import ops
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (a view: writing it writes the parameter), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class MasterAdamW(torch.optim.Optimizer):
@@ -29,15 +37,11 @@ class MasterAdamW(torch.optim.Optimizer):
             raise ValueError(f"MasterAdamW: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay} out of "
                              f"range")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        from torch.distributed.tensor import DTensor
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype not in SIXTEEN_BIT:
                     raise ValueError(f"MasterAdamW: a {p.dtype} parameter of shape {tuple(p.shape)}; it keeps master "
                                      f"weights for bf16 / fp16 parameters (train float32 ones with torch.optim.AdamW)")
-                if isinstance(p, DTensor):
-                    raise ValueError("MasterAdamW: parameters sharded by FSDP (DTensor) are not supported; train "
-                                     "data parallel with DDP, or keep float32 weights")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,14 +60,13 @@ class MasterAdamW(torch.optim.Optimizer):
                 if not state:
                     # The step count on the host, as torch's single-tensor AdamW keeps it: reading it costs no sync.
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.contiguous_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                     state["master"] = p.detach().float().contiguous()
                 state["step"] += 1
-                ops.adamw_master(p, p.grad.contiguous(), state["master"], state["exp_avg"], state["exp_avg_sq"],
-                                 group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                                 int(state["step"].item()))
+                ops.adamw_master(_local(p), _local(p.grad).contiguous(), _local(state["master"]),
+                                 _local(state["exp_avg"]), _local(state["exp_avg_sq"]), group["lr"], beta1, beta2,
+                                 group["eps"], group["weight_decay"], int(state["step"].item()))
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -4,7 +4,9 @@ against one process with the same global batch.
 Two torchrun jobs:
   worker   this file as a torchrun script: one DDP step (LoRA, every trained tensor's gradient and the next-step
            loss), one FSDP2 step (full fine-tuning: gradients, next-step loss, the gathered checkpoint), an FSDP2
-           model resumed from a one-process checkpoint, validation generated over both ranks under FSDP2,
+           model resumed from a one-process checkpoint, validation generated over both ranks under FSDP2, full
+           fine-tuning in bf16 with float32 master weights (precision bf16-mixed) under DDP and under FSDP2 (its
+           gathered checkpoint, and a one-process one resumed sharded),
            `vision.train` resumed at world size 2 from a world-1 checkpoint, bench/ddp_train.py --tiny, and last
            a rank that raises while the other waits in an all-reduce.
   cli      `torchrun -m vision.train` on a tiny synthetic set: its per-step losses against a one-process run, and
@@ -141,6 +143,21 @@ def worker(spec_path: str) -> None:
     assert ranks.mode == "ddp" and mixed["model"].lm.layers[0].mlp.down.weight.dtype == torch.bfloat16
     result["ddp_mixed"] = {k: mixed[k] for k in ("loss", "grads", "next")}
     del mixed
+    # The same under FSDP2 (auto for lm_mode full): masters and moments sharded like the parameters, gathered into
+    # the checkpoint; and a one-process bf16-mixed checkpoint resumed sharded.
+    mixed = one_step(job["full_mixed"], mine, ranks)
+    weight = mixed["model"].lm.layers[0].mlp.down.weight
+    assert ranks.mode == "fsdp" and type(weight).__name__ == "DTensor" and weight.dtype == torch.bfloat16
+    assert type(mixed["optimizer"].state[weight]["master"]).__name__ == "DTensor"
+    result["fsdp_mixed"] = {k: mixed[k] for k in ("loss", "grads", "next")}
+    pipeline.save_run_checkpoint_rank0(ranks, out / "fsdp_mixed_ckpt", mixed["model"], job["full_mixed"], 0, 1, None,
+                                       mixed["optimizer"], mixed["scheduler"])
+    del mixed
+    model = build(job["full_mixed"])
+    distributed.wrap(model, ranks)
+    optimizer, scheduler = make_optimizer(model, LR, 0.05, 10)
+    pipeline.restore_training(pipeline.load_run_checkpoint(job["single_mixed_ckpt"]), model, optimizer, scheduler)
+    result["mixed_resumed_next"] = next_loss(model, model, mine[1], ranks)
     torch.save(result, out / f"rank{ranks.rank}.pt")
 
     # vision.train resumed at world size 2 from a checkpoint written by one process.
@@ -181,9 +198,9 @@ def single(setup):
     tmp, data, specs = setup
     steps = batches(data)
     ref = {mode: one_step(specs[mode], steps, distributed.Ranks()) for mode in ("lora", "full", "full_mixed")}
-    s = ref["full"]
-    pipeline.save_run_checkpoint(tmp / "single_ckpt", s["model"], specs["full"], 0, 1, None, s["optimizer"],
-                                 s["scheduler"])
+    for mode, name in (("full", "single_ckpt"), ("full_mixed", "single_mixed_ckpt")):
+        s = ref[mode]
+        pipeline.save_run_checkpoint(tmp / name, s["model"], specs[mode], 0, 1, None, s["optimizer"], s["scheduler"])
     return ref
 
 
@@ -205,6 +222,7 @@ def worker_job(setup, single, single_run):
     job = tmp / "job.json"
     job.write_text(json.dumps({
         "out": str(out), "data": str(data), **specs, "single_ckpt": str(tmp / "single_ckpt"),
+        "single_mixed_ckpt": str(tmp / "single_mixed_ckpt"),
         "resume_argv": train_argv(data, tmp / "resumed_at_2", "--epochs", "3", "--resume",
                                   tmp / "single_run" / "last")}))
     r = torchrun(__file__, "worker", str(job), timeout=300)
@@ -280,20 +298,46 @@ def test_fsdp_full_finetuning_step_equals_one_process(worker_job, single):
         assert got["resumed_next"] == pytest.approx(ref["next"], rel=1e-5)
 
 
-def test_ddp_bf16_mixed_full_finetuning_step_equals_one_process(worker_job, single):
-    """bf16 weights and gradients under DDP (the all-reduce averages bf16 gradients): one process's gradients
-    within bf16 rounding, and the next loss after MasterAdamW's step within bf16 rounding too."""
+@pytest.mark.parametrize("mode", ["ddp_mixed", "fsdp_mixed"])
+def test_bf16_mixed_full_finetuning_step_equals_one_process(worker_job, single, mode):
+    """bf16 weights and gradients under DDP and FSDP2 (the all-reduce / reduce-scatter averages bf16 gradients):
+    one process's gradients within bf16 rounding, and the next loss after MasterAdamW's step within bf16 rounding
+    too; a one-process checkpoint resumed under FSDP2 takes the same next step."""
     _, _, _, ranks = worker_job
     ref = single["full_mixed"]
     assert "lm.embed.weight" in ref["grads"] and all(g.dtype == torch.bfloat16 for g in ref["grads"].values())
     for r, got in enumerate(ranks):
-        assert set(got["ddp_mixed"]["grads"]) == set(ref["grads"])
+        assert set(got[mode]["grads"]) == set(ref["grads"])
         for name, g in ref["grads"].items():
-            torch.testing.assert_close(got["ddp_mixed"]["grads"][name].float(), g.float(), rtol=3e-2,
+            torch.testing.assert_close(got[mode]["grads"][name].float(), g.float(), rtol=3e-2,
                                        atol=3e-2 * g.abs().max().item(), msg=lambda m: f"rank {r} {name}: {m}")
-        assert got["ddp_mixed"]["loss"] == pytest.approx(ref["loss"], rel=1e-2)
-        assert got["ddp_mixed"]["next"] == pytest.approx(ref["next"], rel=1e-2)
-        assert got["ddp_mixed"]["next"] != pytest.approx(ref["loss"], rel=1e-3)  # the step changed something
+        assert got[mode]["loss"] == pytest.approx(ref["loss"], rel=1e-2)
+        assert got[mode]["next"] == pytest.approx(ref["next"], rel=1e-2)
+        assert got[mode]["next"] != pytest.approx(ref["loss"], rel=1e-3)  # the step changed something
+        assert got["mixed_resumed_next"] == pytest.approx(ref["next"], rel=1e-2)
+
+
+def test_fsdp_bf16_mixed_checkpoint_gathers_float32_masters(worker_job, single, setup):
+    """The checkpoint FSDP2 ranks write holds every master weight whole, in float32, near one process's (the
+    gradients differ by bf16 rounding, AdamW's first step moves each weight by about lr), and resumes in one
+    process."""
+    _, _, out, _ = worker_job
+    _, data, specs = setup
+    ref = single["full_mixed"]
+    run = pipeline.load_run_checkpoint(out / "fsdp_mixed_ckpt")
+    ref_state = pipeline.named_optimizer_state(ref["model"], ref["optimizer"])["state"]
+    assert set(run.optimizer["state"]) == set(ref_state)
+    for name, values in ref_state.items():
+        master = run.optimizer["state"][name]["master"]
+        assert master.dtype == torch.float32 and master.shape == values["master"].shape, name
+        # float32 bits, not a bf16 value widened (a master rounded on its way through the gather would be)
+        assert (master != master.bfloat16().float()).float().mean() > 0.5, name
+        # shards in their places: weights misplaced by a shard would differ by their own size (~0.02), not lr
+        torch.testing.assert_close(master, values["master"], rtol=0, atol=2.5 * LR, msg=name)
+    model = build(specs["full_mixed"])
+    optimizer, scheduler = make_optimizer(model, LR, 0.05, 10)
+    pipeline.restore_training(run, model, optimizer, scheduler)
+    assert next_loss(model, model, batches(data)[1], distributed.Ranks()) == pytest.approx(ref["next"], rel=1e-2)
 
 
 def test_fsdp_checkpoint_is_gathered_and_resumes_in_one_process(worker_job, single, setup):

@@ -16,7 +16,8 @@ Wrapping (`wrap`, TrainConfig.data_parallel):
   fsdp   FSDP2 `fully_shard` on each decoder block (frozen block weights included, so they are split too), then on
          the whole model (embedding, final norm, head, projector, encoder adapters); frozen parameters outside
          the blocks (the encoder) are left out of it and stay replicated. No mixed-precision policy: parameters
-         compute in their own dtype, as in one process.
+         compute in their own dtype, as in one process (precision bf16-mixed: bf16, with MasterAdamW's float32
+         masters sharded like the moments).
   auto   fsdp for `--lm-mode full` (a replicated fine-tuned LM plus its AdamW moments is what does not fit one
          GPU), ddp otherwise.
 
@@ -241,12 +242,13 @@ def gathered_state(model: nn.Module, optimizer, ranks: Ranks) -> tuple[dict | No
 
 def like_parameter(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A full tensor in `param`'s layout: its shard when `param` is an FSDP2 DTensor (every rank holds the full
-    tensor, so each takes its piece locally), else unchanged."""
+    tensor, so each takes its piece locally), else unchanged. The value keeps its dtype: a float32 master weight of
+    a bf16 parameter stays float32."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(param, DTensor):
         return value
-    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
                              src_data_rank=None)
 
 

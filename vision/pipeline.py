@@ -484,12 +484,8 @@ def train(spec: dict, config: TrainConfig, annotation: dict, image_dir, out: Pat
     run = load_run_checkpoint(resume) if resume else None
     if run is not None:
         require_resume_state(run)
-    fsdp = ranks.distributed and distributed.resolve_mode(config.data_parallel, spec["report"]["lm_mode"]) == "fsdp"
-    if spec["precision"] == "bf16-mixed" and fsdp:
-        # MasterAdamW's masters would have to be sharded and gathered like the parameters: not built.
-        raise ValueError("precision bf16-mixed: not supported under FSDP (--data-parallel fsdp, or auto with "
-                         "--lm-mode full); use --data-parallel ddp, or precision bf16")
-    if config.compile is not None and fsdp:
+    if config.compile is not None and ranks.distributed and distributed.resolve_mode(
+            config.data_parallel, spec["report"]["lm_mode"]) == "fsdp":
         # FSDP2's per-block hooks would have to be traced into the graph: not supported here.
         raise ValueError("TrainConfig.compile: not supported under FSDP (--data-parallel fsdp, or auto with "
                          "--lm-mode full); use --data-parallel ddp or leave --compile unset")
