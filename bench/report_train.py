@@ -81,7 +81,7 @@ from stablelm.lora import apply_lora, make_optimizer
 from stablelm.optim import MasterAdamW
 from stablelm.quantize import quantize_model
 from stablelm.tokenizer import Tokenizer
-from vision.pipeline import ENCODER_PRESETS, build_tokenizer
+from vision.pipeline import ENCODER_PRESETS, build_tokenizer, set_trained_dtype
 from vision.report_model import COMPILE_MODES, ReportConfig, ReportModel, check_compile
 from vision.swin import SwinEncoder
 from vision.swin_checkpoint import convert_hf_state_dict
@@ -216,12 +216,7 @@ def build_ours(lm_config, encoder_config, tokenizer, report: ReportConfig, setti
                                              if k not in ("quant", "compile", "memory_budget", "precision")})
     torch.manual_seed(seed)  # the projector's (and adapters') initialisation: the same in every row
     model = ReportModel(encoder, lm, tokenizer, config).to(device)
-    # As vision.pipeline.build_model: whatever trains keeps float32 (master) weights, or under bf16-mixed trains
-    # in bf16 with the masters in the optimizer.
-    trained_dtype = torch.bfloat16 if settings.get("precision") == "bf16-mixed" else torch.float32
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(trained_dtype)
+    set_trained_dtype(model, settings.get("precision", "bf16"))  # as vision.pipeline.build_model
     if settings.get("compile"):
         model.compile_loss(*row_compile(settings, *compile_with), settings.get("memory_budget"))
     return model

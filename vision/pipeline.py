@@ -178,13 +178,17 @@ def build_model(spec: dict, device, precision: str) -> ReportModel:
     if tokenizer.vocab_size > lm.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the LM only {lm.config.vocab_size}")
     model = ReportModel(encoder, lm, tokenizer, ReportConfig.from_dict(spec["report"])).to(device)
-    # What trains (projector, adapters, the fine-tuned LM) keeps float32 weights, which are its master weights;
-    # under bf16-mixed it trains in bf16 and the optimizer keeps the float32 masters.
+    set_trained_dtype(model, precision)
+    return model
+
+
+def set_trained_dtype(model: ReportModel, precision: str) -> None:
+    """What trains (projector, adapters, the fine-tuned LM) keeps float32 weights, which are its master weights;
+    under bf16-mixed it trains in bf16 and the optimizer (MasterAdamW) keeps the float32 masters."""
     trained_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(trained_dtype)
-    return model
 
 
 def tokenizer_source(spec: dict) -> Path:
